@@ -1,0 +1,42 @@
+"""Memory-format rules shared by every kernel and its fake.
+
+Kernels handle exactly two dense layouts: contiguous (NCHW) and channels_last
+(NHWC). Anything else is copied into the layout PyTorch would suggest for it,
+and outputs are allocated like the (normalized) input, so the output memory
+format follows the input as it does for ``F.conv2d`` and elementwise ops.
+"""
+from __future__ import annotations
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """True when ``t`` is stored NHWC and not (also) NCHW-contiguous.
+
+    A tensor that is both (C == 1 or H * W == 1) indexes the same either way.
+    """
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is NCHW- or NHWC-contiguous, else a copy in the suggested format."""
+    if t.is_contiguous() or is_channels_last(t):
+        return t
+    return t.contiguous(memory_format=suggest_memory_format(t))
+
+
+def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with exactly ``ref``'s strides (``ref`` dense), copying only if needed."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
+def conv_out_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.conv2d(x, weight)`` returns channels_last: when either operand is."""
+    return is_channels_last(x) or is_channels_last(weight)
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1

@@ -1,0 +1,91 @@
+"""Which backend runs an op: validation of the name and the "best available" choice.
+
+* ``"torch"``: the plain PyTorch reference (``fastres.reference``), any device.
+* ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+* ``"cuda"``: the compiled CUDA C++ kernels of ``fastres._C``; CUDA tensors.
+
+``backend=None`` picks the first usable backend of the op's preference order
+for the tensors' device (on CPU that is always ``"torch"``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastres import _extension
+from fastres._checks import BACKENDS, check_backend_name
+
+_GPU_PREFERENCE = ("cuda", "triton", "torch")
+
+
+def _triton_status() -> Tuple[Optional[str], Optional[str]]:
+    """(triton version or None, why it cannot be imported or None)."""
+    try:
+        import triton
+    except ImportError as e:
+        return None, f"triton is not installed ({e})"
+    return triton.__version__, None
+
+
+TRITON_VERSION, _TRITON_ERROR = _triton_status()
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device``, or None if it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if _TRITON_ERROR is not None:
+            return _TRITON_ERROR
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+            return None
+        return (
+            f"triton kernels need CUDA tensors (got {device.type}); CPU tensors run only "
+            "under the Triton interpreter (TRITON_INTERPRET=1 set before importing triton)"
+        )
+    if backend == "cuda":
+        reason = _extension.unavailable_reason()
+        if reason is not None:
+            return reason
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+        return None
+    raise AssertionError(backend)
+
+
+def usable_backends(device: torch.device, implemented: Sequence[str] = BACKENDS) -> List[str]:
+    """The backends among ``implemented`` that can run on ``device``, best first."""
+    order = _GPU_PREFERENCE if device.type == "cuda" else ("torch",)
+    return [b for b in order if b in implemented and unavailable_reason(b, device) is None]
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device, implemented: Sequence[str]) -> str:
+    """The backend that runs ``op`` on ``device``; raises if ``backend`` cannot."""
+    check_backend_name(op, backend)
+    if backend is None:
+        return usable_backends(device, implemented)[0]
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {reason}")
+    if backend not in implemented:
+        raise RuntimeError(
+            f"{op}: backend {backend!r} is not implemented for this op; implemented: "
+            + ", ".join(repr(b) for b in implemented)
+        )
+    return backend
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def summary() -> Dict[str, Optional[str]]:
+    """Each backend's availability on the default device: None if usable, else why not."""
+    dev = default_device()
+    return {b: unavailable_reason(b, dev) for b in BACKENDS}
