@@ -1,0 +1,143 @@
+"""The public contract: argument validation, backend selection, bn_scale_shift,
+the torch backend of conv_bn_act, and fastres.info."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastres
+from fastres import backends, ops, reference
+from conftest import DEVICE
+
+
+def _bn_act_args(c=4):
+    return torch.randn(2, c, 3, 3), torch.rand(c) + 0.5, torch.randn(c)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ops.add_act(torch.ones(2, 2), torch.ones(2, 2), "gelu"),
+    lambda: ops.bn_act(*_bn_act_args(), activation="tanh"),
+    lambda: ops.conv_bn_act(torch.ones(1, 2, 3, 3), torch.ones(2, 2, 1, 1), torch.ones(2), torch.ones(2),
+                            activation="Relu"),
+])
+def test_unknown_activation_lists_valid_names(call):
+    with pytest.raises(ValueError, match="'relu', 'silu', 'identity'"):
+        call()
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(ValueError, match="backend 'cudnn'.*'torch', 'triton', 'cuda'"):
+        ops.add_act(torch.ones(2), torch.ones(2), backend="cudnn")
+
+
+def test_known_but_unusable_backend_says_why():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*"):
+        ops.add_act(torch.ones(2), torch.ones(2), backend="cuda")
+
+
+def test_unimplemented_backend_says_so():
+    missing = [b for b in ("triton", "cuda") if b not in ops.implemented_backends("conv_bn_act")]
+    if not missing:
+        pytest.skip("every backend of conv_bn_act is implemented")
+    x, w = torch.ones(1, 2, 3, 3), torch.ones(2, 2, 1, 1)
+    with pytest.raises(RuntimeError, match=f"backend '{missing[0]}'"):
+        ops.conv_bn_act(x, w, torch.ones(2), torch.ones(2), backend=missing[0])
+
+
+def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = backends.unavailable_reason("triton", torch.device("cpu"))
+    assert "TRITON_INTERPRET=1" in reason
+
+
+def test_default_backend_on_cpu_is_torch():
+    assert backends.usable_backends(torch.device("cpu"))[0] == "torch"
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.add_act(torch.ones(2, 3), torch.ones(3, 2)), r"`residual` to have the shape of `x`, \(2, 3\)"),
+    (lambda: ops.add_act(torch.ones(2), torch.ones(2, dtype=torch.float16)), "`residual` to have the dtype of `x`"),
+    (lambda: ops.add_act(torch.ones(2), torch.ones(2, device="meta")), "`residual` on the device of `x`"),
+    (lambda: ops.add_act(torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32)), "`x` to have dtype float32"),
+    (lambda: ops.add_act([1.0], torch.ones(1)), "`x` to be a torch.Tensor"),
+    (lambda: ops.bn_act(torch.ones(2, 4, 3), torch.ones(4), torch.ones(4)), r"`x` to be a 4-D \(N, C, H, W\) tensor, got 3-D"),
+    (lambda: ops.bn_act(torch.ones(2, 4, 3, 3), torch.ones(3), torch.ones(4)), "`scale` to be a 1-D tensor of length 4"),
+    (lambda: ops.bn_act(torch.ones(2, 4, 3, 3), torch.ones(4), torch.ones(4, dtype=torch.float16)), "`shift` to be float32"),
+    (lambda: ops.bn_act(torch.ones(2, 4, 3, 3), torch.ones(4), torch.ones(4), torch.ones(2, 4, 3, 2)), "`residual` to have the shape"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 3, 3, 3), torch.ones(8), torch.ones(8)), "`weight` of shape"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 2, 3, 3), torch.ones(8), torch.ones(8), groups=3), "`weight` of shape"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3), torch.ones(4), torch.ones(8)), "`scale` to be a 1-D tensor of length 8"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3), torch.ones(8), torch.ones(8), stride=0), "stride >= 1"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3), torch.ones(8), torch.ones(8), padding=(1, 2, 3)), "`padding` to be an int or a pair"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 2, 2), torch.ones(8, 4, 3, 3), torch.ones(8), torch.ones(8)), "output would be empty"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3), torch.ones(8), torch.ones(8), torch.ones(1, 8, 5, 5)), r"`residual` of the output's shape \(1, 8, 3, 3\)"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3, dtype=torch.float64), torch.ones(8), torch.ones(8)), "`weight` to have the dtype of `x`"),
+])
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_bn_scale_shift_matches_eval_batchnorm():
+    bn = torch.nn.BatchNorm2d(5, eps=1e-3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(2, 5, 3, 3)
+    scale, shift = ops.bn_scale_shift(bn)
+    assert scale.dtype == shift.dtype == torch.float32
+    torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(x))
+    (scale.sum() + shift.sum()).backward()
+    assert bn.weight.grad is not None and bn.bias.grad is not None
+
+
+def test_bn_scale_shift_half_module_stays_fp32():
+    bn = torch.nn.BatchNorm2d(3).half().eval()
+    scale, shift = ops.bn_scale_shift(bn)
+    assert scale.dtype == torch.float32
+
+
+def test_bn_scale_shift_without_running_stats_raises():
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        ops.bn_scale_shift(torch.nn.BatchNorm2d(3, track_running_stats=False))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("conv", [dict(stride=2, padding=3), dict(padding=2, dilation=2), dict(groups=2, padding=1)])
+def test_conv_bn_act_torch_backend_matches_modules(fmt, conv):
+    groups = conv.get("groups", 1)
+    c = torch.nn.Conv2d(4, 6, 3, bias=False, **conv).to(memory_format=fmt)
+    bn = torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    x = torch.randn(2, 4, 9, 7).contiguous(memory_format=fmt)
+    r = torch.randn_like(c(x))
+    scale, shift = ops.bn_scale_shift(bn)
+    out = ops.conv_bn_act(x, c.weight, scale, shift, r, stride=c.stride, padding=c.padding,
+                          dilation=c.dilation, groups=groups, backend="torch")
+    ref = torch.relu(bn(c(x)) + r)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.stride() == F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, groups).stride()
+
+
+def test_info_contract():
+    d = fastres.info()
+    for key in ("version", "torch", "triton", "cuda_ext", "cuda_kernels", "cuda_arch_list", "backends", "device"):
+        assert key in d
+    assert "torch" in d["backends"]
+    assert d["version"] == fastres.__version__
+
+
+def test_info_cli():
+    table = subprocess.run([sys.executable, "-m", "fastres.info"], capture_output=True, text=True, check=True)
+    assert "cuda_kernels" in table.stdout
+    out = subprocess.run([sys.executable, "-m", "fastres.info", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["version"] == fastres.__version__
