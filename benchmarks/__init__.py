@@ -1,0 +1,1 @@
+"""fastres benchmarks: ``python -m benchmarks --help``."""

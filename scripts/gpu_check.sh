@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's GPU check, made for one call on a lent GPU machine (< 8 minutes
+# on an H100): versions, carried wheels, build for the GPU's architecture, the
+# test suite on the GPU, compute-sanitizer on every CUDA kernel, the quick
+# benchmark. Logs and results go to $OUT (default ./gpu-out), at most 8 files.
+#
+#   bash scripts/gpu_check.sh            # everything
+#   STEPS="build tests" bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"build tests sanitize bench"}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -n 2
+} 2>&1 | tee "$OUT/summary.log"
+
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried for packages the image lacks
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+
+summary=()
+step() {  # step NAME TIMEOUT_S COMMAND...: runs it, logs to $OUT/NAME.log, records rc and time
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  echo "== $name: $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  tail -n 15 "$OUT/$name.log"
+  summary+=("$(printf '%-10s rc=%-4s %5ss' "$name" "$rc" $((SECONDS - t0)))")
+}
+
+step build 240 python3 setup.py build_ext --inplace
+step tests 240 python3 -m pytest tests -q -rs -p no:cacheprovider
+step sanitize 180 bash -c '
+  set -e
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda
+  compute-sanitizer --tool racecheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py triton'
+step bench 180 python3 -m benchmarks --out "$OUT/bench"
+
+echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1))"
+printf "%s\n" "${summary[@]}" | tee -a "$OUT/summary.log"
