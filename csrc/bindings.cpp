@@ -1,0 +1,83 @@
+// csrc/bindings.cpp — every schema of the compiled fastres ops, in one place.
+//
+// The schemas are declared here, once, for every build; the kernels register
+// themselves next to their code (csrc/cuda/elementwise.cu:
+// TORCH_LIBRARY_IMPL(fastres, CUDA, m)). A C++-only build (no nvcc, CPU-only
+// torch or FASTRES_BUILD_CUDA=0; see setup.py) has the schemas and no kernels,
+// so calling an op reports that it has no kernel for the tensors' backend.
+//
+// The Triton twins `<op>_triton` (fastres/triton/) are defined in Python with
+// identical signatures, and fastres/ops.py registers one fake kernel and one
+// autograd formula per op family for both backends; tests/test_extension.py
+// checks that the schemas agree. Semantics: fastres/reference.py.
+
+#include <Python.h>
+
+#include <string>
+
+#include <torch/library.h>
+
+// `import fastres._C` loads this shared library, which runs the registrations
+// below. The module itself is empty: the ops are reached through
+// torch.ops.fastres, so no pybind11 and only the limited Python C API.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",                                                  // m_name
+      "fastres compiled ops; use them through torch.ops.fastres",  // m_doc
+      -1,                                                    // m_size
+      nullptr,                                               // m_methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace fastres {
+
+// The CUDA architectures the kernels were compiled for, space-separated
+// ("8.0 8.6 8.9 9.0"); "" in a C++-only build. setup.py passes
+// TORCH_CUDA_ARCH_LIST as the preprocessor token FASTRES_CUDA_ARCH_LIST with
+// '_' between the entries (a token survives every shell and compiler quoting).
+std::string cuda_arch_list() {
+#ifdef FASTRES_CUDA_ARCH_LIST
+#define FASTRES_STRINGIFY_(x) #x
+#define FASTRES_STRINGIFY(x) FASTRES_STRINGIFY_(x)
+  std::string archs = FASTRES_STRINGIFY(FASTRES_CUDA_ARCH_LIST);
+  for (char& ch : archs) {
+    if (ch == '_') ch = ' ';
+  }
+  return archs;
+#else
+  return "";
+#endif
+}
+
+}  // namespace fastres
+
+TORCH_LIBRARY(fastres, m) {
+  // y = act(x + residual), computed in fp32 (fp64 for fp64), one rounding;
+  // act in {"relu", "silu", "identity"}. x and residual: same shape and dtype,
+  // any rank; y has x's memory format. Replaces torch.relu(x + residual).
+  m.def("add_act_cuda(Tensor x, Tensor residual, str activation) -> Tensor");
+
+  // grad * act'(x + residual): the gradient of both x and residual of add_act.
+  m.def("add_act_backward_cuda(Tensor grad, Tensor x, Tensor residual, str activation) -> Tensor");
+
+  // y = act(x * scale[c] + shift[c] (+ residual)) for a 4-D (N, C, H, W) x,
+  // NCHW or channels_last; scale/shift: fp32 vectors of length C (an eval-mode
+  // BatchNorm, fastres.ops.bn_scale_shift). Replaces relu(bn(x) (+ residual)).
+  m.def("bn_act_cuda(Tensor x, Tensor scale, Tensor shift, Tensor? residual, str activation) -> Tensor");
+
+  // Backward of bn_act in one pass: with z = x * scale[c] + shift[c] (+ residual)
+  // and gz = grad * act'(z), returns (grad_x = gz * scale[c], grad_z = gz if
+  // residual_grad else an empty tensor, grad_scale[c] = sum_{n,h,w} gz * x,
+  // grad_shift[c] = sum_{n,h,w} gz). Deterministic reductions.
+  m.def(
+      "bn_act_backward_cuda(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
+      "str activation, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // The CUDA architectures of the compiled kernels, space-separated; "" when
+  // the extension was built without CUDA (fastres._extension.cuda_arch_list).
+  m.def("_cuda_arch_list() -> str", &fastres::cuda_arch_list);
+}
