@@ -2,7 +2,10 @@
 # The project's GPU check, made for one call on a lent GPU machine (< 8 minutes
 # on an H100): versions, carried wheels, build for the GPU's architecture, the
 # test suite on the GPU, compute-sanitizer on every CUDA kernel, the quick
-# benchmark. Logs and results go to $OUT (default ./gpu-out), at most 8 files.
+# benchmark. Results go to $OUT (default ./gpu-out), at most 8 files (what a
+# lent machine returns): summary.log (versions and one line per step),
+# steps.log (every step's full output), conv.json, bench/ (the benchmark's
+# results.json, report.md and plots).
 #
 #   bash scripts/gpu_check.sh            # everything
 #   STEPS="build tests" bash scripts/gpu_check.sh
@@ -10,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"build tests sanitize bench"}
+STEPS=${STEPS:-"build tests sanitize conv bench"}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
@@ -29,14 +32,16 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} MAX_JOBS=${MAX_JOBS:-$
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 
 summary=()
-step() {  # step NAME TIMEOUT_S COMMAND...: runs it, logs to $OUT/NAME.log, records rc and time
+step() {  # step NAME TIMEOUT_S COMMAND...: runs it, appends to steps.log, records rc and time
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
   [[ " $STEPS " == *" $name "* ]] || return 0
-  echo "== $name: $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name: $*" | tee -a "$OUT/steps.log"
+  timeout "$limit" "$@" >"$OUT/step.tmp" 2>&1
   rc=$?
-  tail -n 15 "$OUT/$name.log"
+  cat "$OUT/step.tmp" >>"$OUT/steps.log"
+  tail -n 15 "$OUT/step.tmp"
+  rm -f "$OUT/step.tmp"
   summary+=("$(printf '%-10s rc=%-4s %5ss' "$name" "$rc" $((SECONDS - t0)))")
 }
 
@@ -47,6 +52,7 @@ step sanitize 180 bash -c '
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda
   compute-sanitizer --tool racecheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py triton'
+step conv 240 python3 -m benchmarks.gpu_conv --batches 64 --out "$OUT/conv.json"
 step bench 180 python3 -m benchmarks --out "$OUT/bench"
 
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1))"
