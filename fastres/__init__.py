@@ -2,7 +2,10 @@
 kernels (Triton and CUDA C++) for ResNets in PyTorch."""
 from fastres import ops
 from fastres.info import info
+from fastres import models, nn
+from fastres.convert import convert  # the function shadows the module fastres.convert
+from fastres.nn import set_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "info", "__version__"]
+__all__ = ["ops", "info", "__version__", "nn", "models", "convert", "set_backend"]

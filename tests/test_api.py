@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastres
-from fastres import backends, ops, reference
-from conftest import DEVICE
+from fastres import backends, ops
 
 
 def _bn_act_args(c=4):

@@ -1,0 +1,376 @@
+"""How a fastres module runs ``conv -> BN (-> + residual) -> activation``.
+
+One function, :func:`conv_bn_act`, decides per call, from the submodules it is
+given, what can run fused and what must run as the original modules:
+
+* **BN with running statistics** (``bn.eval()``, the usual inference case, or
+  frozen-BN fine-tuning): one ``fastres.ops.conv_bn_act`` with the BN folded
+  into a per-channel fp32 ``scale``/``shift`` (``fastres.ops.bn_scale_shift``,
+  plus ``scale * conv.bias`` when the conv has a bias) and the residual and
+  activation in the epilogue.
+* **BN with batch statistics** (``bn.train()``, or ``track_running_stats=False``):
+  ``F.conv2d``, then the batch mean and biased variance in fp32
+  (``torch.var_mean`` over ``(0, 2, 3)``) as ``scale = weight * rstd`` and
+  ``shift = bias - mean * scale``, then one ``fastres.ops.bn_act`` for
+  normalize + residual + activation (on the conv output centered on its
+  detached batch mean, for an fp32-accurate backward: see
+  :func:`batch_scale_shift`). Autograd flows through ``scale``/``shift``
+  into ``weight``, ``bias`` and the batch statistics, which is exactly
+  ``nn.BatchNorm2d``'s gradient. Running statistics are updated as
+  ``nn.BatchNorm2d`` does (momentum, ``momentum=None`` as a cumulative average,
+  unbiased variance, ``num_batches_tracked``), under ``no_grad``.
+* **Anything else** (a conv that is not a plain zero-padded ``nn.Conv2d``, a norm
+  that is not a ``BatchNorm2d``, a training ``SyncBatchNorm``, modules with
+  hooks): the original modules, ``act(bn(conv(x)) + residual)``, exactly as
+  torchvision runs them. An activation module other than ``nn.ReLU``,
+  ``nn.SiLU`` or ``nn.Identity`` is applied after a fused ``"identity"`` epilogue.
+
+Eval-mode ``scale``/``shift`` are cached on the owning module (see
+:class:`ScaleShiftCache`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastres import ops
+from fastres._checks import check_activation
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
+_ACTIVATION_FACTORIES = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "silu": lambda: nn.SiLU(inplace=True),
+    "identity": nn.Identity,
+}
+
+
+def make_activation(name: str, op: str = "fastres.nn") -> nn.Module:
+    """The module for a fused activation name: ``nn.ReLU``, ``nn.SiLU`` or ``nn.Identity``."""
+    check_activation(op, name)
+    return _ACTIVATION_FACTORIES[name]()
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
+
+
+def activation_name(module: Optional[nn.Module]) -> Optional[str]:
+    """The fused activation that ``module`` computes, or None if it must run as a module.
+
+    Only the exact types ``nn.ReLU``, ``nn.SiLU`` and ``nn.Identity`` (without
+    hooks) map; subclasses may compute something else.
+    """
+    if module is None:
+        return "identity"
+    name = _ACTIVATION_MODULES.get(type(module))
+    if name is None or _has_hooks(module):
+        return None
+    return name
+
+
+def activation_unfusable_reason(module: Optional[nn.Module]) -> Optional[str]:
+    if activation_name(module) is not None:
+        return None
+    if type(module) in _ACTIVATION_MODULES:
+        return f"activation {type(module).__name__} has hooks"
+    return (
+        f"activation {type(module).__name__} is not one of nn.ReLU, nn.SiLU, nn.Identity "
+        "(the fused activations)"
+    )
+
+
+def conv_unfusable_reason(conv: nn.Module) -> Optional[str]:
+    """Why ``conv`` cannot be the convolution of a fused op, or None if it can."""
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if isinstance(conv, nn.modules.lazy.LazyModuleMixin):
+        return f"{type(conv).__name__} is not initialized yet"
+    if type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+        return f"{type(conv).__name__} overrides _conv_forward"
+    if conv.padding_mode != "zeros":
+        return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
+    if isinstance(conv.padding, str) and conv.padding != "valid":
+        return f"conv padding={conv.padding!r} (only explicit padding and 'valid' are fused)"
+    if _has_hooks(conv):
+        return "the conv has hooks"
+    return None
+
+
+def bn_unfusable_reason(bn: nn.Module, *, runtime: bool = False) -> Optional[str]:
+    """Why ``bn`` cannot be folded into a fused op, or None if it can.
+
+    ``runtime=True`` also rejects a ``SyncBatchNorm`` that would use batch
+    statistics now (it synchronizes them across processes; it runs as itself).
+    """
+    if isinstance(bn, nn.SyncBatchNorm):
+        if type(bn).forward is not nn.SyncBatchNorm.forward:
+            return f"{type(bn).__name__} overrides forward"
+        if runtime and uses_batch_stats(bn):
+            return "a training SyncBatchNorm synchronizes batch statistics across processes"
+    elif not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not _BatchNorm.forward:
+        return f"{type(bn).__name__} is not an nn.BatchNorm2d (or SyncBatchNorm)"
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin):
+        return f"{type(bn).__name__} is not initialized yet"
+    if _has_hooks(bn):
+        return "the BatchNorm has hooks"
+    return None
+
+
+def uses_batch_stats(bn: _BatchNorm) -> bool:
+    """Whether ``bn`` normalizes with batch statistics now (``nn.BatchNorm2d``'s rule)."""
+    return bn.training or bn.running_mean is None or bn.running_var is None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 math for every dtype but fp64 (as ``fastres.reference``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------
+# Train mode: batch statistics.
+# ----------------------------------------------------------------------------
+
+
+def batch_scale_shift(bn: _BatchNorm, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``bn(y)`` with batch statistics as ``(yc, scale, shift)`` with ``bn(y) == yc * scale + shift``;
+    updates the running statistics.
+
+    Same math as ``nn.BatchNorm2d`` in training: the biased variance
+    normalizes, the unbiased one goes into ``running_var``; ``scale``/``shift``
+    are fp32 and differentiable with respect to ``y``, ``bn.weight`` and
+    ``bn.bias``.
+
+    ``yc = y - c`` is ``y`` centered on its batch mean ``c`` (detached, in
+    ``y``'s dtype), and ``shift = bias - (mean(yc)) * scale`` with
+    ``mean(yc) ~ 0``. The forward value is the same as with ``y``, but the
+    backward of ``bn_act`` reduces ``sum(grad * yc)`` for the gradient of
+    ``scale`` instead of ``sum(grad * y)``: without the centering, the weight
+    and variance gradients are ``sum(grad * y) - mean * sum(grad)``, which
+    cancels catastrophically in fp32 for channels whose mean is large compared
+    to their standard deviation (``nn.BatchNorm2d``'s backward reduces
+    ``grad * (y - mean)`` directly). Only ``yc`` is saved for backward.
+    """
+    n = y.numel() // y.shape[1]
+    if n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
+        )
+    ct = compute_dtype(y.dtype)
+    with torch.no_grad():
+        center = torch.mean(y, dim=(0, 2, 3), dtype=ct).to(y.dtype)
+    yc = y - center.view(1, -1, 1, 1)
+    var, mean_c = _BatchVarMean.apply(yc)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(ct)
+    shift = -mean_c * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(ct)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        _update_running_stats(bn, mean_c.detach() + center.to(ct), var.detach(), n)
+    return yc, scale, shift
+
+
+class _BatchVarMean(torch.autograd.Function):
+    """``torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)`` that saves ``y`` itself.
+
+    ``var_mean`` of ``y.float()`` would save the fp32 copy for its backward: for
+    fp16/bf16 training that is twice the activation memory ``y`` takes (which
+    ``bn_act`` saves anyway). Here the fp32 copy is transient and the backward
+    recomputes ``y.float() - mean`` (the same formula as autograd's).
+    """
+
+    @staticmethod
+    def forward(y: Tensor) -> Tuple[Tensor, Tensor]:
+        return torch.var_mean(y.to(compute_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (y,) = inputs
+        ctx.save_for_backward(y, output[1])
+
+    @staticmethod
+    def backward(ctx, grad_var: Optional[Tensor], grad_mean: Optional[Tensor]) -> Tensor:
+        y, mean = ctx.saved_tensors
+        n = y.numel() // y.shape[1]
+        g = torch.zeros_like(mean) if grad_mean is None else grad_mean / n
+        g = g.view(1, -1, 1, 1)
+        if grad_var is not None:
+            g = g + (grad_var * (2.0 / n)).view(1, -1, 1, 1) * (y.to(mean.dtype) - mean.view(1, -1, 1, 1))
+        return g.expand(y.shape).to(y.dtype)
+
+
+def _update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, n) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update (``torch/nn/modules/batchnorm.py``)."""
+    with torch.no_grad():
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average; a tensor, so no host sync
+                factor = 1.0 / bn.num_batches_tracked.to(torch.float64)
+        unbiased = var * (n / (n - 1))
+        for buf, stat in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+            buf.copy_(stat * factor + buf * (1 - factor))
+
+
+# ----------------------------------------------------------------------------
+# Eval mode: running statistics, cached.
+# ----------------------------------------------------------------------------
+
+
+def eval_scale_shift(bn: _BatchNorm, conv_bias: Optional[Tensor], ct: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``bn(conv(x) + conv_bias)`` with running statistics as ``conv(x) * scale + shift``."""
+    scale, shift = ops.bn_scale_shift(bn)
+    scale, shift = scale.to(ct), shift.to(ct)
+    if conv_bias is not None:
+        shift = shift + scale * conv_bias.to(ct)
+    return scale, shift
+
+
+def _tracing() -> bool:
+    if torch.compiler.is_compiling():  # torch.compile and torch.export
+        return True
+    if torch.jit.is_tracing():
+        return True
+    fx = torch.fx._symbolic_trace
+    return getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
+
+
+def _plain(t: Tensor) -> bool:
+    """A real tensor whose data_ptr and version counter mean something (not fake, functional, batched)."""
+    return type(t) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+class ScaleShiftCache:
+    """Eval-mode ``(scale, shift)`` per BN slot of one module, never stale.
+
+    An entry is used only while every source tensor (BN weight, bias,
+    running_mean, running_var and the conv bias) is the same object, with the
+    same data_ptr, dtype, device and autograd version counter, and ``eps``,
+    the compute dtype and inference mode are unchanged. In-place edits (under
+    ``no_grad``, by an optimizer, ``load_state_dict``) bump version counters;
+    ``module.to()``/``.half()`` change data pointers (each entry pins the old
+    storage, so an address cannot be reused while the entry lives); assigning
+    new parameters changes identities. Edits through ``.data`` bypass version
+    counters: the owning modules drop their entries on ``train()``/``eval()``
+    and ``_apply`` (``.to``, ``.cuda``...), and :meth:`clear` (or
+    ``fastres.nn.clear_cache(model)``) drops them explicitly.
+
+    Nothing is cached (the values are recomputed, which is always correct):
+
+    * under ``torch.compile``/``torch.export``, FX or JIT tracing, so nothing
+      stale is captured and the traced graph reads the parameters themselves;
+    * during CUDA-graph capture, for the same reason;
+    * when autograd must reach ``bn.weight``/``bias`` (grad mode on and they
+      require grad: frozen-statistics fine-tuning);
+    * for non-plain tensors (fake, functional, functorch-wrapped).
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[str, tuple] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, slot: str, bn: _BatchNorm, conv_bias: Optional[Tensor], x: Tensor) -> Tuple[Tensor, Tensor]:
+        ct = compute_dtype(x.dtype)
+        sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
+        if not self._cacheable(sources, x):
+            return eval_scale_shift(bn, conv_bias, ct)
+        key = tuple(
+            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
+        ) + (float(bn.eps), ct, torch.is_inference_mode_enabled())
+        entry = self._entries.get(slot)
+        if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], sources)):
+            return entry[3], entry[4]
+        scale, shift = eval_scale_shift(bn, conv_bias, ct)
+        pins = tuple(None if t is None else t.detach() for t in sources)  # keeps the storages alive
+        self._entries[slot] = (key, sources, pins, scale, shift)
+        return scale, shift
+
+    @staticmethod
+    def _cacheable(sources, x: Tensor) -> bool:
+        if _tracing():
+            return False
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        grad = torch.is_grad_enabled()
+        for t in sources:
+            if t is None:
+                continue
+            if not _plain(t) or (grad and t.requires_grad):
+                return False
+        return True
+
+
+# ----------------------------------------------------------------------------
+# The one entry point.
+# ----------------------------------------------------------------------------
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    if t is None or dtype is None or t.dtype == dtype or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _unfused(x: Tensor, conv: nn.Module, bn: nn.Module, act: Optional[nn.Module], residual: Optional[Tensor]) -> Tensor:
+    out = bn(conv(x))
+    if residual is not None:
+        out = out + residual
+    return out if act is None else act(out)
+
+
+def conv_padding(conv: nn.Conv2d):
+    return (0, 0) if conv.padding == "valid" else conv.padding
+
+
+def conv_bn_act(
+    cache: Optional[ScaleShiftCache],
+    slot: str,
+    x: Tensor,
+    conv: nn.Module,
+    bn: nn.Module,
+    act: Optional[nn.Module],
+    residual: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``act(bn(conv(x)) (+ residual))``, fused as far as the modules allow (module docstring)."""
+    if conv_unfusable_reason(conv) is not None or bn_unfusable_reason(bn, runtime=True) is not None:
+        return _unfused(x, conv, bn, act, residual)
+    name = activation_name(act)
+    fused_act = "identity" if name is None else name
+    low = _autocast_dtype(x)  # custom ops do not autocast: cast as F.conv2d would
+    if uses_batch_stats(bn):
+        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv_padding(conv), conv.dilation, conv.groups)
+        yc, scale, shift = batch_scale_shift(bn, y)
+        residual = _cast(residual, y.dtype if low is not None else None)
+        out = ops.bn_act(yc, scale, shift, residual, fused_act, backend=backend)
+    else:
+        x, weight, residual = _cast(x, low), _cast(conv.weight, low), _cast(residual, low)
+        if cache is None:
+            scale, shift = eval_scale_shift(bn, conv.bias, compute_dtype(x.dtype))
+        else:
+            scale, shift = cache.get(slot, bn, conv.bias, x)
+        out = ops.conv_bn_act(
+            x, weight, scale, shift, residual,
+            stride=tuple(conv.stride), padding=tuple(conv_padding(conv)), dilation=tuple(conv.dilation),
+            groups=conv.groups, activation=fused_act, backend=backend,
+        )
+    return out if name is not None else act(out)
