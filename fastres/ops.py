@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastres import _extension, _layout, backends, reference
+from fastres import _extension, _layout, _onednn, backends, reference
 from fastres._checks import (
     check_activation,
     check_channel_vector,
@@ -337,13 +337,17 @@ def conv_bn_act(
     length K; ``residual`` has the output's shape and ``x``'s dtype. The output
     memory format is what ``F.conv2d`` gives (channels_last if ``x`` or
     ``weight`` is). Replaces ``relu(bn(conv(x)) (+ residual))``.
+
+    The ``"torch"`` backend runs fp32 CPU inference (no gradient needed)
+    through oneDNN's fused convolution (``fastres._onednn``), else the reference.
     """
     stride, padding, dilation = _check_conv_bn_act(
         "fastres.ops.conv_bn_act", x, weight, scale, shift, residual, stride, padding, dilation, groups, activation
     )
     fn = _run("conv_bn_act", backend, x.device)
     if fn is None:
-        return reference.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation)
+        impl = _onednn.conv_bn_act if _onednn.applies(x, weight, scale, shift, residual, activation) else reference.conv_bn_act
+        return impl(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation)
     return fn(x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), groups, activation)
 
 

@@ -140,3 +140,45 @@ def test_info_cli():
     assert "cuda_kernels" in table.stdout
     out = subprocess.run([sys.executable, "-m", "fastres.info", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["version"] == fastres.__version__
+
+
+CONVS = [dict(stride=2, padding=3), dict(padding=2, dilation=2), dict(groups=2, padding=1), dict(stride=(2, 1))]
+
+
+@pytest.mark.skipif(not fastres._onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("conv", CONVS, ids=str)
+@pytest.mark.parametrize("act", ["relu", "silu", "identity"])
+@pytest.mark.parametrize("x_fmt, r_fmt", [
+    (torch.contiguous_format, torch.contiguous_format),
+    (torch.channels_last, torch.channels_last),
+    (torch.channels_last, torch.contiguous_format),
+])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_conv_bn_act_cpu_onednn_path(conv, act, x_fmt, r_fmt, with_residual, monkeypatch):
+    """fp32 CPU inference through the torch backend takes oneDNN's fused conv and matches the reference."""
+    groups = conv.get("groups", 1)
+    x = torch.randn(2, 4, 9, 7).contiguous(memory_format=x_fmt)
+    w = torch.randn(6, 4 // groups, 3, 3)
+    scale, shift = torch.rand(6) + 0.5, torch.randn(6)
+    args = dict(stride=conv.get("stride", 1), padding=conv.get("padding", 0),
+                dilation=conv.get("dilation", 1), groups=groups, activation=act, backend="torch")
+    out_shape = ops.conv_bn_act(x, w, scale, shift, **args).shape
+    r = torch.randn(out_shape).contiguous(memory_format=r_fmt) if with_residual else None
+    calls = []
+    monkeypatch.setattr(fastres._onednn, "conv_bn_act", lambda *a, f=fastres._onednn.conv_bn_act: calls.append(1) or f(*a))
+    with torch.no_grad():
+        out = ops.conv_bn_act(x, w, scale, shift, r, **args)
+    assert calls or (with_residual and act == "silu"), "the oneDNN path was not taken"
+    s, p, d = (fastres._checks.pair("", "", args[k]) for k in ("stride", "padding", "dilation"))
+    ref = fastres.reference.conv_bn_act(x, w, scale, shift, r, s, p, d, groups, act)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert out.stride() == ref.stride()
+
+
+def test_conv_bn_act_cpu_onednn_path_not_taken_for_training(monkeypatch):
+    monkeypatch.setattr(fastres._onednn, "conv_bn_act", lambda *a: pytest.fail("oneDNN path taken with grad"))
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3, requires_grad=True)
+    ops.conv_bn_act(x, w, torch.ones(3), torch.zeros(3), backend="torch").sum().backward()
+    assert w.grad is not None
+    with torch.no_grad():  # fp16 is never folded into low-precision weights
+        ops.conv_bn_act(x.half(), w.half(), torch.ones(3), torch.zeros(3), backend="torch")
