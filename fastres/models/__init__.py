@@ -1,28 +1,5 @@
 """Drop-in fused versions of torchvision's ResNet family (see docs/models.md)."""
-from fastres.models.resnet import (
-    ResNet,
-    resnet18,
-    resnet34,
-    resnet50,
-    resnet101,
-    resnet152,
-    resnext50_32x4d,
-    resnext101_32x8d,
-    resnext101_64x4d,
-    wide_resnet50_2,
-    wide_resnet101_2,
-)
+from fastres.models import resnet as _resnet
+from fastres.models.resnet import *  # noqa: F401,F403  (the names of resnet.__all__)
 
-__all__ = [
-    "ResNet",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-]
+__all__ = list(_resnet.__all__)
