@@ -1,7 +1,7 @@
 """fastres: fused conv-BN-activation, BN-activation and residual-add-activation
 kernels (Triton and CUDA C++) for ResNets in PyTorch."""
 from fastres import ops
-from fastres.info import info
+from fastres._info import info
 from fastres import models, nn
 from fastres.convert import convert  # the function shadows the module fastres.convert
 from fastres.nn import set_backend

@@ -138,6 +138,7 @@ def test_info_contract():
 def test_info_cli():
     table = subprocess.run([sys.executable, "-m", "fastres.info"], capture_output=True, text=True, check=True)
     assert "cuda_kernels" in table.stdout
+    assert "Warning" not in table.stderr
     out = subprocess.run([sys.executable, "-m", "fastres.info", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["version"] == fastres.__version__
 
