@@ -30,11 +30,20 @@ Environment:
     parallel compile jobs (torch's ``BuildExtension``).
 ``FASTRES_DEBUG=1``
     ``-O0 -g`` (and ``-G`` for device code) instead of ``-O3``.
+``FASTRES_CUTLASS_INCLUDE`` / ``CUTLASS_PATH``
+    where CUTLASS's headers are (see ``find_cutlass``); by default those of
+    the ``nvidia-cutlass`` pip package, a build requirement.
+
+CUTLASS: the fused convolution ``conv_bn_act_cuda`` (``csrc/cuda/conv_*``) is
+built from CUTLASS's header-only templates. Without CUTLASS headers the build
+still succeeds, says why, and leaves those sources and the op's schema out, so
+``fastres.ops.implemented_backends("conv_bn_act")`` has no ``"cuda"``.
 
 Layout of ``csrc/`` the build relies on: ``csrc/bindings.cpp`` declares every
 schema; ``csrc/cuda/`` holds CUDA-only sources (``.cu``, and ``.cpp`` host code
-that needs CUDA), compiled only in the CUDA build. New sources are picked up
-by glob; new include directories (CUTLASS, say) go in ``cuda_include_dirs``.
+that needs CUDA), compiled only in the CUDA build; ``csrc/cuda/conv_*`` need
+CUTLASS too. New sources are picked up by glob; new include directories go in
+``cuda_include_dirs``.
 """
 from __future__ import annotations
 
@@ -50,6 +59,8 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 CUDA_SUBDIR = os.path.join(CSRC, "cuda")
+# The sources that need CUTLASS (the fused convolution), left out without it.
+CUTLASS_SOURCES = os.path.join(CUDA_SUBDIR, "conv_")
 
 # Ampere (A100: 8.0, consumer: 8.6), Ada (8.9) and Hopper (9.0), as SASS.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0"
@@ -95,6 +106,63 @@ def cuda_build_decision() -> Tuple[bool, str, Optional[str]]:
 
 
 WITH_CUDA, WHY, CUDA_HOME = cuda_build_decision()
+
+
+# Headers the conv kernels include, checked to exist before CUTLASS is used:
+# an older CUTLASS without the 2.x conv visitor epilogue is reported, not used.
+CUTLASS_REQUIRED_HEADERS = (
+    "cutlass/cutlass.h",
+    "cutlass/conv/kernel/default_conv2d_fprop.h",
+    "cutlass/epilogue/threadblock/epilogue_with_visitor.h",
+)
+
+
+def find_cutlass() -> Tuple[Optional[List[str]], str]:
+    """(CUTLASS include dirs, or None; where they were found, or why not).
+
+    Header-only: nothing is linked. Looked for in this order, the first set
+    variable winning (an override that lacks the headers is reported, and the
+    build goes on without the conv kernels rather than use another CUTLASS):
+
+    1. ``$FASTRES_CUTLASS_INCLUDE``: an include dir holding ``cutlass/cutlass.h``;
+    2. ``$CUTLASS_PATH``: a CUTLASS checkout (``include/`` and ``tools/util/include/``);
+    3. the ``nvidia-cutlass`` pip package (``cutlass_library/source/include``),
+       found without importing it.
+    """
+
+    def complete(include: str) -> bool:
+        return all(os.path.isfile(os.path.join(include, h)) for h in CUTLASS_REQUIRED_HEADERS)
+
+    def with_util(root: str, include: str) -> List[str]:
+        util = os.path.join(root, "tools", "util", "include")
+        return [include] + ([util] if os.path.isdir(util) else [])
+
+    missing = ", ".join(CUTLASS_REQUIRED_HEADERS)
+    include = os.environ.get("FASTRES_CUTLASS_INCLUDE", "").strip()
+    if include:
+        if complete(include):
+            return [include], f"FASTRES_CUTLASS_INCLUDE={include}"
+        return None, f"FASTRES_CUTLASS_INCLUDE={include} lacks one of {missing}"
+    root = os.environ.get("CUTLASS_PATH", "").strip()
+    if root:
+        if complete(os.path.join(root, "include")):
+            return with_util(root, os.path.join(root, "include")), f"CUTLASS_PATH={root}"
+        return None, f"CUTLASS_PATH={root} lacks include/ with {missing}"
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None, (
+            "CUTLASS not found: pip install nvidia-cutlass (a build requirement), or set "
+            "CUTLASS_PATH / FASTRES_CUTLASS_INCLUDE"
+        )
+    for base in spec.submodule_search_locations:
+        root = os.path.join(base, "source")
+        if complete(os.path.join(root, "include")):
+            return with_util(root, os.path.join(root, "include")), f"the nvidia-cutlass package at {root}"
+    return None, f"the nvidia-cutlass package at {list(spec.submodule_search_locations)} lacks {missing}"
+
+
+CUTLASS_INCLUDE_DIRS, CUTLASS_WHY = find_cutlass() if WITH_CUDA else (None, "no CUDA build")
+WITH_CUTLASS = CUTLASS_INCLUDE_DIRS is not None
 if WITH_CUDA:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = CUDA_HOME
@@ -110,10 +178,11 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 # ----------------------------------------------------------------------------
 
 
-def collect_sources(with_cuda: bool) -> List[str]:
+def collect_sources(with_cuda: bool, with_cutlass: bool) -> List[str]:
     """csrc/**/*.cpp (+ csrc/**/*.cu with CUDA), relative to setup.py, sorted.
 
-    Without CUDA, everything under csrc/cuda/ is left out.
+    Without CUDA, everything under csrc/cuda/ is left out; without CUTLASS,
+    csrc/cuda/conv_* (the fused convolution).
     """
 
     def rel_glob(pattern: str) -> List[str]:
@@ -124,6 +193,8 @@ def collect_sources(with_cuda: bool) -> List[str]:
         sources += rel_glob(os.path.join(CSRC, "**", "*.cu"))
     else:
         sources = [s for s in sources if not s.startswith(CUDA_SUBDIR + os.sep)]
+    if not with_cutlass:
+        sources = [s for s in sources if not s.startswith(CUTLASS_SOURCES)]
     return sorted(sources)
 
 
@@ -159,10 +230,9 @@ def cuda_include_dirs(cuda_home: str) -> List[str]:
 
     The toolkit's own include dir comes first, so that its headers win over the
     copies in the nvidia wheels, which only fill in what the toolkit lacks.
-    Third-party header libraries (CUTLASS: third_party/cutlass/include and
-    tools/util/include) are added here.
+    Third-party header libraries come last: CUTLASS (``find_cutlass``) when found.
     """
-    return [os.path.join(cuda_home, "include"), *nvidia_wheel_include_dirs()]
+    return [os.path.join(cuda_home, "include"), *nvidia_wheel_include_dirs(), *(CUTLASS_INCLUDE_DIRS or [])]
 
 
 def arch_list_token(arch_list: str) -> str:
@@ -207,9 +277,15 @@ def get_extension():
         if DEBUG:
             nvcc_flags.append("-G")
         define_macros += [("FASTRES_WITH_CUDA", "1"), ("FASTRES_CUDA_ARCH_LIST", arch_list_token(arch_list))]
+        if WITH_CUTLASS:
+            define_macros.append(("FASTRES_WITH_CUTLASS", "1"))
         include_dirs += cuda_include_dirs(CUDA_HOME)
         _log(f"building fastres._C as a CUDAExtension with CUDA kernels ({WHY}; "
              f"TORCH_CUDA_ARCH_LIST={arch_list})")
+        if WITH_CUTLASS:
+            _log(f"building the CUTLASS conv kernels (conv_bn_act_cuda) with CUTLASS from {CUTLASS_WHY}")
+        else:
+            _log(f"building WITHOUT the conv kernels (conv_bn_act_cuda): {CUTLASS_WHY}")
         extension, extra_compile_args = CUDAExtension, {"cxx": cxx_flags, "nvcc": nvcc_flags}
     else:
         _log(f"building fastres._C as a C++-only CppExtension, without CUDA kernels ({WHY})")
@@ -217,7 +293,7 @@ def get_extension():
     return (
         extension(
             "fastres._C",
-            collect_sources(WITH_CUDA),
+            collect_sources(WITH_CUDA, WITH_CUTLASS),
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,

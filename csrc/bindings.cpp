@@ -77,6 +77,28 @@ TORCH_LIBRARY(fastres, m) {
       "bn_act_backward_cuda(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
       "str activation, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 
+#ifdef FASTRES_WITH_CUTLASS
+  // y = act(conv2d(x, weight, stride, padding, dilation, groups) * scale[k] + shift[k] (+ residual)):
+  // one CUTLASS implicit-GEMM convolution whose epilogue applies the fp32
+  // per-output-channel scale/shift, the residual and the activation to the
+  // fp32 accumulator, rounding once (csrc/cuda/conv_bn_act.cu, docs/cuda_conv.md).
+  // x (N, C, H, W) and weight (K, C/groups, R, S): float16, bfloat16, or float32
+  // (TF32, when torch.backends.cudnn.allow_tf32); either memory format; the
+  // output has F.conv2d's memory format. Replaces relu(bn(conv(x)) (+ residual)).
+  // Declared, like the Triton twin, only where it has a kernel: built only with
+  // CUDA and CUTLASS (setup.py), so implemented_backends("conv_bn_act") lacks
+  // "cuda" otherwise.
+  m.def(
+      "conv_bn_act_cuda(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
+      "SymInt[] stride, SymInt[] padding, SymInt[] dilation, SymInt groups, str activation) -> Tensor");
+
+  // "" if conv_bn_act_cuda runs a conv with these channel counts and R x S
+  // window on a GPU of compute capability sm_major.x, else why not: the kernels'
+  // shape rules, asked by fastres._extension.cuda_conv_unsupported_reason to
+  // route backend=None elsewhere.
+  m.def("_conv_bn_act_cuda_unsupported(ScalarType dtype, int C, int K, int R, int S, int groups, int sm_major) -> str");
+#endif
+
   // The CUDA architectures of the compiled kernels, space-separated; "" when
   // the extension was built without CUDA (fastres._extension.cuda_arch_list).
   m.def("_cuda_arch_list() -> str", &fastres::cuda_arch_list);

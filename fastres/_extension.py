@@ -5,6 +5,7 @@ module records why it is missing so that ``fastres.info()`` can say so.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import List, Optional
@@ -47,3 +48,33 @@ def unavailable_reason() -> Optional[str]:
             "time, or FASTRES_BUILD_CUDA=0)"
         )
     return None
+
+
+def cuda_conv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[str]:
+    """Why ``conv_bn_act_cuda`` cannot run ``conv2d(x, weight, groups=groups)``, or None if it can.
+
+    The rules (dtype, TF32 permission, channels per group, window size, compute
+    capability) live in C++ (``csrc/cuda/conv_bn_act.cu``) and are asked through
+    ``torch.ops.fastres._conv_bn_act_cuda_unsupported``; docs/cuda_conv.md lists
+    them. For routing ``backend=None`` past the cuda backend.
+    """
+    if x.device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got {x.device.type} tensors"
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    k, _, r, s = (int(v) for v in weight.shape)
+    return _conv_unsupported(
+        x.dtype, int(x.shape[1]), k, r, s, int(groups), index, bool(torch.backends.cudnn.allow_tf32)
+    )
+
+
+@torch.compiler.assume_constant_result  # a Python value of the shapes: no graph break when traced
+@functools.lru_cache(maxsize=None)
+def _conv_unsupported(dtype, c, k, r, s, groups, device_index, allow_tf32) -> Optional[str]:
+    # allow_tf32 is in the cache key because the C++ rule reads it.
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    if not hasattr(torch.ops.fastres, "_conv_bn_act_cuda_unsupported"):
+        return "fastres._C was built without the CUTLASS conv kernels (setup.py found no CUTLASS)"
+    major = torch.cuda.get_device_capability(device_index)[0]
+    return torch.ops.fastres._conv_bn_act_cuda_unsupported(dtype, c, k, r, s, groups, major) or None

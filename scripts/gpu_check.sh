@@ -51,9 +51,10 @@ step sanitize 180 bash -c '
   set -e
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda
   compute-sanitizer --tool racecheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda-conv
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py triton'
 step conv 240 python3 -m benchmarks.gpu_conv --batches 64 --out "$OUT/conv.json"
-step bench 180 python3 -m benchmarks --out "$OUT/bench"
+step bench 240 python3 -m benchmarks --time-limit 180 --out "$OUT/bench"
 
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1))"
 printf "%s\n" "${summary[@]}" | tee -a "$OUT/summary.log"

@@ -6,8 +6,16 @@ forward and backward, each dtype. Exits non-zero if a result is wrong, so a
 sanitizer run also checks values.
 
     compute-sanitizer --tool memcheck python scripts/sanitize_cases.py
+
+``cuda-conv`` runs the CUTLASS convolution ``conv_bn_act_cuda`` instead: one
+small case per kernel configuration (each 16-bit tile forced through
+FASTRES_CUDA_CONV_TILE, the fixed-channel stem kernel, the TF32 kernel), with
+partial tiles, channel padding, both memory formats, residual or not:
+
+    compute-sanitizer --tool memcheck python scripts/sanitize_cases.py cuda-conv
 """
 import math
+import os
 import sys
 
 import torch
@@ -54,5 +62,48 @@ def main(backend: str = "cuda") -> int:
     return 1 if failures else 0
 
 
+# (tile forced or None, dtype, (N, C, H, W), (K, R, S), stride, padding, dilation, groups, format, residual, act)
+CONV_CASES = [
+    ("128x128", torch.float16, (2, 32, 9, 9), (136, 3, 3), 1, 1, 1, 1, torch.channels_last, True, "relu"),
+    ("128x64", torch.bfloat16, (2, 64, 9, 7), (64, 1, 1), 2, 0, 1, 1, torch.contiguous_format, False, "silu"),
+    ("64x64", torch.float16, (1, 40, 7, 7), (72, 3, 3), 1, 2, 2, 1, torch.channels_last, True, "identity"),
+    ("128x32", torch.bfloat16, (2, 64, 6, 6), (64, 3, 3), 1, 1, 1, 2, torch.channels_last, True, "relu"),
+    (None, torch.float16, (2, 3, 19, 17), (10, 7, 7), 2, 3, 1, 1, torch.contiguous_format, True, "relu"),  # stem
+    (None, torch.float32, (2, 20, 9, 9), (24, 3, 3), 1, 1, 1, 1, torch.channels_last, True, "silu"),  # TF32
+]
+
+
+def conv_main() -> int:
+    """Each conv_bn_act_cuda kernel configuration once, checked against the reference."""
+    failures = 0
+    for tile, dtype, xs, (k, r, s), stride, padding, dilation, groups, fmt, with_res, act in CONV_CASES:
+        os.environ.pop("FASTRES_CUDA_CONV_TILE", None)
+        if tile is not None:
+            os.environ["FASTRES_CUDA_CONV_TILE"] = tile
+        torch.backends.cudnn.allow_tf32 = dtype == torch.float32  # the kernel may use TF32 ...
+        x = torch.randn(xs, device="cuda").to(dtype).contiguous(memory_format=fmt)
+        w = (torch.randn(k, xs[1] // groups, r, s, device="cuda") / math.sqrt(xs[1] // groups * r * s)).to(dtype)
+        scale, shift = torch.rand(k, device="cuda") + 0.5, torch.randn(k, device="cuda")
+        conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        p, q = ((size + 2 * padding - dilation * (kk - 1) - 1) // stride + 1 for size, kk in ((xs[2], r), (xs[3], s)))
+        out_shape = (xs[0], k, p, q)
+        res = torch.randn(out_shape, device="cuda").to(dtype).contiguous(memory_format=fmt) if with_res else None
+        out = ops.conv_bn_act(x, w, scale, shift, res, activation=act, backend="cuda", **conv)
+        torch.backends.cudnn.allow_tf32 = False  # ... the reference may not
+        up = (lambda t: None if t is None else t.float())  # noqa: E731
+        want = reference.conv_bn_act(up(x), up(w), scale, shift, up(res), (stride,) * 2, (padding,) * 2,
+                                     (dilation,) * 2, groups, act).to(dtype)
+        if not torch.allclose(out.float(), want.float(), rtol=2e-2, atol=2e-2):
+            failures += 1
+            print(f"MISMATCH conv tile={tile} {dtype} x={xs} k={k} {r}x{s} groups={groups} {fmt} "
+                  f"residual={with_res} {act}: max error {(out.float() - want.float()).abs().max().item():.3g}")
+    os.environ.pop("FASTRES_CUDA_CONV_TILE", None)
+    torch.cuda.synchronize()
+    print(f"sanitize conv cases done: {failures} mismatches")
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["cuda-conv"]:
+        sys.exit(conv_main())
     sys.exit(main(*sys.argv[1:]))

@@ -18,7 +18,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 
 python -m pip install -q --disable-pip-version-check \
-  "torch>=2.5" torchvision triton setuptools wheel ninja \
+  "torch>=2.5" torchvision triton setuptools wheel ninja nvidia-cutlass \
   pytest pytest-benchmark expecttest hypothesis numpy tqdm matplotlib timm
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

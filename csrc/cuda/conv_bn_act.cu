@@ -1,0 +1,539 @@
+// csrc/cuda/conv_bn_act.cu — host side of the fused conv-BN-activation op.
+//
+//   op (schema in csrc/bindings.cpp)                            computes
+//   ----------------------------------------------------------  -------------------------------------------------
+//   conv_bn_act_cuda(x, weight, scale, shift, residual?,        y = act(conv2d(x, weight, stride, padding, dilation,
+//       stride, padding, dilation, groups, activation)                 groups) * scale[k] + shift[k] (+ residual))
+//   _conv_bn_act_cuda_unsupported(dtype, C, K, R, S, groups,   "" if conv_bn_act_cuda runs such a conv on a GPU of
+//       sm_major)                                                compute capability sm_major.x, else why not
+//
+// It replaces `relu(bn(conv(x)) (+ residual))` with an eval-mode BatchNorm
+// folded into fp32 (scale, shift) (fastres.ops.bn_scale_shift); the truth is
+// fastres.reference.conv_bn_act. The convolution runs as a CUTLASS 2.x Sm80
+// tensor-core implicit GEMM whose epilogue applies scale, shift, residual and
+// activation to the fp32 accumulator before the single rounding to the output
+// dtype (conv_bn_act.cuh; design and routing: docs/cuda_conv.md).
+//
+// This file: argument checks (messages name the argument and what was
+// expected), the shapes the kernels support, NCHW <-> NHWC and channel padding,
+// the tile heuristic, batch chunking under CUTLASS's 2^31-byte tensor limit,
+// and the launches (conv_bn_act_kernels_*.cu) on the current stream.
+//
+// Layouts: the kernels compute NHWC x [N, H, W, C], KRSC weight [K, R, S, C/g],
+// NHWC residual and output [N, P, Q, K], all dense and 16-byte aligned.
+//   * x: used in place when channels_last (and aligned); an NCHW x is copied
+//     to NHWC once (one read + one write of x).
+//   * weight: permuted to KRSC (free if channels_last; small otherwise).
+//   * residual: used in place when channels_last, else copied to NHWC.
+//   * output: F.conv2d's memory format (fastres/_layout.py
+//     conv_out_channels_last: channels_last if x or weight is). The kernel
+//     writes NHWC; an NCHW output costs one more copy.
+//   * channel padding (groups == 1): C is zero-padded to the kernels'
+//     alignment (16-bit: C <= 4 -> 4 for the fixed-channels stem kernel, else a
+//     multiple of 8; fp32: a multiple of 4) and K likewise (zero filter rows,
+//     zero scale/shift, the padded columns dropped by one copy). ResNets need
+//     it only for the 3-channel stem, whose NCHW->NHWC copy does the padding.
+#define FASTRES_CONV_INTERFACE_ONLY
+#include "conv_bn_act.cuh"
+#undef FASTRES_CONV_INTERFACE_ONLY
+
+#include <algorithm>
+#include <cstdlib>
+#include <iterator>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/SymInt.h>
+#include <c10/core/SymIntArrayRef.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "activations.cuh"
+
+namespace fastres {
+namespace {
+
+using conv::ConvDtype;
+using conv::ConvLaunchResult;
+using conv::ConvProblem;
+using conv::ConvTile;
+
+constexpr const char* kOp = "conv_bn_act_cuda";
+
+// CUTLASS's device-level limit: each of x, weight and output below 2^31 bytes
+// per launch (cutlass::conv::device::ImplicitGemmConvolution::can_implement).
+constexpr int64_t kMaxTensorBytes = (int64_t(1) << 31) - 1;
+
+// ===========================================================================
+// Small host helpers (elementwise.cu's are private to that file).
+// ===========================================================================
+
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kDouble:
+      return "float64";
+    default:
+      return c10::toString(t);
+  }
+}
+
+std::string describe(const at::Tensor& t) {
+  if (!t.defined()) return "an undefined tensor";
+  std::ostringstream os;
+  os << "a " << t.dim() << "-D " << dtype_name(t.scalar_type());
+  if (t.layout() != at::kStrided) os << " " << t.layout();
+  os << " tensor of shape " << t.sizes() << " on " << t.device();
+  return os.str();
+}
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+int64_t round_up(int64_t v, int64_t m) {
+  return (v + m - 1) / m * m;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
+// A positive device attribute, cached per device (the op runs under CUDA-graph
+// capture too, where no call should be needed that is not).
+template <cudaDeviceAttr kAttr>
+int cached_attribute(int device) {
+  static std::atomic<int> cache[64];  // zero-initialized (static storage)
+  if (device >= 0 && device < 64) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  const int value = std::max(device_attribute(kAttr, device), 1);
+  if (device >= 0 && device < 64) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+int sm_count(int device) {
+  return cached_attribute<cudaDevAttrMultiProcessorCount>(device);
+}
+
+int device_major(int device) {
+  return cached_attribute<cudaDevAttrComputeCapabilityMajor>(device);
+}
+
+// ===========================================================================
+// What the kernels support (the one place these rules live: the op checks
+// them, and fastres._extension.cuda_conv_unsupported_reason asks them through
+// _conv_bn_act_cuda_unsupported to route backend=None elsewhere).
+// ===========================================================================
+
+// The channel alignment of the mainloop/epilogue accesses (128 bits).
+int64_t channel_alignment(at::ScalarType dtype) {
+  return dtype == at::kFloat ? 4 : 8;
+}
+
+// The reduction depth (ThreadblockShape::kK) of the optimized kernels: a
+// group's channels must fill whole k-tiles, so that no tile reads into the
+// next group's channels (CUTLASS's kSingleGroup masks only the filter there,
+// and Inf * 0 would poison the sum).
+int64_t group_channel_multiple(at::ScalarType dtype) {
+  return dtype == at::kFloat ? 16 : 32;
+}
+
+// The narrowest ThreadblockShape::kN available for grouped convolutions
+// (kSingleGroup: one threadblock's columns inside one group).
+int64_t group_min_tile_n(at::ScalarType dtype) {
+  return dtype == at::kFloat ? 64 : 32;
+}
+
+// "" if conv_bn_act_cuda runs a convolution with these channel counts and
+// R x S window on a device of compute capability `major`.x, else why not (and
+// where to go). Everything else (N, H, W, stride, padding, dilation, memory
+// formats) is supported; batches are chunked under CUTLASS's 2^31-byte limit.
+std::string unsupported_reason(at::ScalarType dtype, int64_t C, int64_t K, int64_t R, int64_t S, int64_t groups,
+                               int major) {
+  std::ostringstream os;
+  if (major < 8) {
+    os << "the CUDA conv kernels are Sm80 tensor-core kernels (cp.async, mma.sync) and need compute "
+          "capability 8.0 or newer (Ampere, Ada, Hopper); this GPU has "
+       << major << ".x";
+  } else if (dtype == at::kDouble) {
+    os << "float64 has no tensor-core kernel here (float16, bfloat16, and float32 as TF32 do)";
+  } else if (dtype == at::kFloat && !at::globalContext().allowTF32CuDNN()) {
+    os << "float32 runs on TF32 tensor cores, which torch.backends.cudnn.allow_tf32 = False forbids "
+          "(the kernels never lower precision silently); set it to True, or use float16/bfloat16";
+  } else if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) {
+    os << "dtype " << dtype_name(dtype) << " is not supported (float16, bfloat16, float32)";
+  } else if (R > 32 || S > 32) {
+    os << "a " << R << "x" << S << " window exceeds the 32x32 the optimized CUTLASS iterators' filter-position "
+          "masks hold";
+  } else if (groups > 1) {
+    const int64_t cg = C / groups, kg = K / groups;
+    const int64_t c_multiple = group_channel_multiple(dtype), n_multiple = group_min_tile_n(dtype);
+    if (cg % c_multiple != 0 || kg % n_multiple != 0) {
+      os << "grouped convolution with " << cg << " input and " << kg << " output channels per group (groups="
+         << groups << ") is not implemented for " << dtype_name(dtype) << ": the kernels need C/groups % "
+         << c_multiple << " == 0 and K/groups % " << n_multiple
+         << " == 0 (one threadblock tile inside one group, CUTLASS GroupMode::kSingleGroup)";
+    }
+  }
+  std::string reason = os.str();
+  if (!reason.empty()) reason += "; backend='triton' or backend='torch' runs it";
+  return reason;
+}
+
+// ===========================================================================
+// Tile selection (docs/cuda_conv.md, "Tile heuristic").
+// ===========================================================================
+
+struct TileShape {
+  ConvTile tile;
+  const char* name;
+  int64_t m, n, warps;
+};
+
+const TileShape kTf32Tile{ConvTile::kTf32, "tf32", 128, 64, 4};
+const TileShape k16BitTiles[] = {
+    {ConvTile::k128x128, "128x128", 128, 128, 4},
+    {ConvTile::k128x64, "128x64", 128, 64, 4},
+    {ConvTile::k64x64, "64x64", 64, 64, 4},
+    {ConvTile::k128x32, "128x32", 128, 32, 2},
+};
+
+// The threadblock tile of an M x K implicit GEMM (M = N*P*Q output pixels, K
+// output channels) on a GPU with `sms` SMs:
+//   1. candidates, largest first: 128x128, 128x64, 64x64, 128x32 (16-bit; fp32
+//      has one TF32 tile); a grouped conv keeps those whose N divides K/groups
+//      (kSingleGroup), a dense one prefers those whose N divides K (no idle
+//      columns) when there are any;
+//   2. the first (largest) one that fills a wave (CTAs >= SMs) wins: it
+//      reuses each loaded operand the most;
+//   3. else (no tile fills the GPU, so time = one CTA's mainloop) the one whose
+//      CTA finishes first: least tile area per warp (up to the 4 tensor-core
+//      sub-partitions of an SM), i.e. 64x64; ties go to the larger tile.
+// $FASTRES_CUDA_CONV_TILE (128x128, 128x64, 64x64 or 128x32) forces a 16-bit
+// tile (tests and compute-sanitizer runs cover every kernel with it). The stem
+// kernel (C <= 4) is chosen before this, by channel count.
+TileShape choose_tile(ConvDtype dtype, int64_t M, int64_t K, int64_t groups, int sms) {
+  if (dtype == ConvDtype::kF32) return kTf32Tile;
+  const int64_t kg = K / groups;
+  const char* forced = std::getenv("FASTRES_CUDA_CONV_TILE");
+  if (forced != nullptr && *forced != '\0') {
+    for (const TileShape& t : k16BitTiles) {
+      if (std::string(forced) != t.name) continue;
+      TORCH_CHECK_VALUE(groups == 1 || kg % t.n == 0, kOp, ": FASTRES_CUDA_CONV_TILE=", forced,
+                        " cannot run a grouped conv with K/groups=", kg, " (needs a multiple of ", t.n, ")");
+      return t;
+    }
+    TORCH_CHECK_VALUE(false, kOp, ": FASTRES_CUDA_CONV_TILE=", forced,
+                      " is not a tile; expected one of 128x128, 128x64, 64x64, 128x32");
+  }
+  std::vector<TileShape> fit;
+  for (const TileShape& t : k16BitTiles) {
+    if (groups > 1 ? kg % t.n == 0 : K % t.n == 0) fit.push_back(t);
+  }
+  if (fit.empty()) {
+    TORCH_CHECK(groups == 1, kOp, ": internal error: no tile for a grouped conv that unsupported_reason accepted");
+    fit.assign(std::begin(k16BitTiles), std::end(k16BitTiles));
+  }
+  auto ctas = [&](const TileShape& t) { return ceil_div(M, t.m) * ceil_div(K, t.n); };
+  for (const TileShape& t : fit) {
+    if (ctas(t) >= sms) return t;
+  }
+  auto cta_time = [](const TileShape& t) { return t.m * t.n / std::min<int64_t>(t.warps, 4); };
+  TileShape best = fit.front();
+  for (const TileShape& t : fit) {
+    if (cta_time(t) < cta_time(best)) best = t;
+  }
+  return best;
+}
+
+const char* tile_name(ConvTile tile) {
+  switch (tile) {
+    case ConvTile::k128x128:
+      return "128x128x32";
+    case ConvTile::k128x64:
+      return "128x64x32";
+    case ConvTile::k64x64:
+      return "64x64x32";
+    case ConvTile::k128x32:
+      return "128x32x32";
+    case ConvTile::kStem:
+      return "stem 128x64x32 (fixed 4 channels)";
+    case ConvTile::kTf32:
+      return "tf32 128x64x16";
+  }
+  return "?";
+}
+
+// ===========================================================================
+// Operand preparation.
+// ===========================================================================
+
+// `t` (N, C, H, W) as a dense NHWC tensor with `channels` (>= C) channels,
+// zero-padded, 16-byte aligned: `t` itself when possible.
+at::Tensor nhwc(const at::Tensor& t, int64_t channels) {
+  if (channels == t.size(1)) {
+    at::Tensor out = t.contiguous(at::MemoryFormat::ChannelsLast);
+    if (!aligned16(out)) out = out.clone(at::MemoryFormat::ChannelsLast);
+    return out;
+  }
+  at::Tensor out = at::zeros({t.size(0), channels, t.size(2), t.size(3)},
+                             t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  out.narrow(1, 0, t.size(1)).copy_(t);
+  return out;
+}
+
+// weight (K, C/g, R, S) as dense KRSC [k_pad, R, S, c_pad], zero-padded.
+at::Tensor krsc(const at::Tensor& w, int64_t k_pad, int64_t c_pad) {
+  const at::Tensor permuted = w.permute({0, 2, 3, 1});
+  if (k_pad == w.size(0) && c_pad == w.size(1)) {
+    at::Tensor out = permuted.contiguous();
+    if (!aligned16(out)) out = out.clone();
+    return out;
+  }
+  at::Tensor out = at::zeros({k_pad, w.size(2), w.size(3), c_pad}, w.options());
+  out.narrow(0, 0, w.size(0)).narrow(3, 0, w.size(1)).copy_(permuted);
+  return out;
+}
+
+// A contiguous fp32 vector of length `k_pad` (zero past v's length).
+at::Tensor channel_vector(const at::Tensor& v, int64_t k_pad) {
+  at::Tensor out = v.contiguous();
+  if (k_pad != v.size(0)) {
+    at::Tensor padded = at::zeros({k_pad}, v.options());
+    padded.narrow(0, 0, v.size(0)).copy_(v);
+    out = padded;
+  }
+  return out;
+}
+
+// ===========================================================================
+// Argument checks.
+// ===========================================================================
+
+void check_tensor(const char* name, const at::Tensor& t, int64_t ndim) {
+  const bool ok = t.defined() && t.layout() == at::kStrided && t.is_cuda() && t.dim() == ndim;
+  TORCH_CHECK_VALUE(ok, kOp, ": expected `", name, "` to be a ", ndim, "-D strided CUDA tensor, got ", describe(t));
+}
+
+std::vector<int64_t> check_pair(const char* name, c10::SymIntArrayRef values, int64_t min) {
+  TORCH_CHECK_VALUE(values.size() == 2, kOp, ": expected `", name, "` to have 2 values (height, width), got ",
+                    values.size());
+  std::vector<int64_t> out;
+  for (const c10::SymInt& v : values) out.push_back(v.guard_int(__FILE__, __LINE__));
+  TORCH_CHECK_VALUE(out[0] >= min && out[1] >= min, kOp, ": expected `", name, "` values >= ", min, ", got [", out[0],
+                    ", ", out[1], "]");
+  return out;
+}
+
+void check_vector(const char* name, const at::Tensor& v, int64_t K, const at::Tensor& x) {
+  const bool ok = v.defined() && v.layout() == at::kStrided && v.dim() == 1 && v.size(0) == K &&
+                  v.scalar_type() == at::kFloat && v.device() == x.device();
+  TORCH_CHECK_VALUE(ok, kOp, ": expected `", name, "` to be a 1-D float32 tensor of length ", K,
+                    " (one value per output channel) on ", x.device(), ", got ", describe(v));
+}
+
+void check_launch(const ConvLaunchResult& r, const ConvProblem& p, ConvTile tile) {
+  if (r.status == 0) return;
+  std::ostringstream os;
+  os << kOp << ": CUTLASS " << r.stage << " failed (" << r.status_string;
+  if (r.cuda != cudaSuccess) os << "; CUDA error " << cudaGetErrorString(r.cuda);
+  os << ") for the " << tile_name(tile) << " kernel on N=" << p.N << " H=" << p.H << " W=" << p.W << " C=" << p.C
+     << " K=" << p.K << " R=" << p.R << " S=" << p.S << " P=" << p.P << " Q=" << p.Q << " groups=" << p.groups
+     << "; expected dense 16-byte-aligned NHWC/KRSC operands with C/groups and K/groups multiples of the "
+        "kernel's channel alignment and each tensor below 2^31 bytes (the host code guarantees these; "
+        "this is a bug)";
+  TORCH_CHECK(false, os.str());
+}
+
+ConvLaunchResult run(ConvDtype dtype, ConvTile tile, const ConvProblem& p, cudaStream_t stream) {
+  switch (dtype) {
+    case ConvDtype::kF16:
+      return conv::run_conv_f16(tile, p, stream);
+    case ConvDtype::kBF16:
+      return conv::run_conv_bf16(tile, p, stream);
+    case ConvDtype::kF32:
+      return conv::run_conv_tf32(tile, p, stream);
+  }
+  return ConvLaunchResult{};
+}
+
+// ===========================================================================
+// The ops.
+// ===========================================================================
+
+at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& scale,
+                            const at::Tensor& shift, const std::optional<at::Tensor>& residual_in,
+                            c10::SymIntArrayRef stride_in, c10::SymIntArrayRef padding_in,
+                            c10::SymIntArrayRef dilation_in, c10::SymInt groups_in, c10::string_view activation) {
+  check_tensor("x", x_in, 4);
+  check_tensor("weight", weight_in, 4);
+  const at::ScalarType dtype = x_in.scalar_type();
+  TORCH_CHECK_VALUE(weight_in.scalar_type() == dtype && weight_in.device() == x_in.device(), kOp,
+                    ": expected `weight` to have the dtype and device of `x` (", describe(x_in), "), got ",
+                    describe(weight_in));
+  const std::vector<int64_t> stride = check_pair("stride", stride_in, 1);
+  const std::vector<int64_t> padding = check_pair("padding", padding_in, 0);
+  const std::vector<int64_t> dilation = check_pair("dilation", dilation_in, 1);
+  const int64_t groups = groups_in.guard_int(__FILE__, __LINE__);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t K = weight_in.size(0), R = weight_in.size(2), S = weight_in.size(3);
+  TORCH_CHECK_VALUE(groups >= 1 && C == weight_in.size(1) * groups && K % groups == 0, kOp,
+                    ": expected `weight` of shape (K, C/groups, R, S) with K divisible by groups=", groups,
+                    " and C/groups = ", C, "/", groups, "; got weight ", weight_in.sizes(), " for x ",
+                    x_in.sizes());
+  const int64_t P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) / stride[0] + 1;
+  const int64_t Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(P >= 1 && Q >= 1, kOp, ": the convolution output would be empty (", P, "x", Q, "): input ",
+                    x_in.sizes(), " is smaller than the dilated kernel ", R, "x", S, " with padding [", padding[0],
+                    ", ", padding[1], "]");
+  const Activation act = parse_activation(activation, kOp);
+
+  // What the kernels cannot run is NotImplementedError (before the checks of
+  // scale/shift/residual: a float64 x legitimately comes with float64 vectors).
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int device = x_in.get_device();
+  const std::string reason = unsupported_reason(dtype, C, K, R, S, groups, device_major(device));
+  TORCH_CHECK_NOT_IMPLEMENTED(reason.empty(), kOp, ": ", reason);
+
+  check_vector("scale", scale, K, x_in);
+  check_vector("shift", shift, K, x_in);
+  const bool has_residual = residual_in.has_value() && residual_in->defined();
+  if (has_residual) {
+    const at::Tensor& r = *residual_in;
+    const bool ok = r.defined() && r.layout() == at::kStrided && r.dim() == 4 && r.size(0) == N &&
+                    r.size(1) == K && r.size(2) == P && r.size(3) == Q && r.scalar_type() == dtype &&
+                    r.device() == x_in.device();
+    TORCH_CHECK_VALUE(ok, kOp, ": expected `residual` of the output's shape [", N, ", ", K, ", ", P, ", ", Q,
+                      "] and dtype ", dtype_name(dtype), " on ", x_in.device(), ", got ", describe(r));
+  }
+
+  // The output, in F.conv2d's memory format.
+  const bool out_channels_last = is_channels_last(x_in) || is_channels_last(weight_in);
+  const auto out_format = out_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (N == 0 || K == 0) {
+    return at::empty({N, K, P, Q}, x_in.options().memory_format(out_format));
+  }
+
+  // Channel padding (groups == 1 only; grouped shapes are aligned, see unsupported_reason).
+  const int64_t align = channel_alignment(dtype);
+  const bool stem = dtype != at::kFloat && groups == 1 && C <= 4;
+  const int64_t c_pad = groups > 1 ? C : (stem ? 4 : std::max(round_up(C, align), align));
+  const int64_t k_pad = groups > 1 ? K : round_up(K, align);
+
+  const at::Tensor x = nhwc(x_in, c_pad);
+  const at::Tensor w = krsc(weight_in, k_pad, c_pad / groups);
+  const at::Tensor scale_v = channel_vector(scale, k_pad);
+  const at::Tensor shift_v = channel_vector(shift, k_pad);
+  const at::Tensor residual = has_residual ? nhwc(*residual_in, k_pad) : at::Tensor();
+
+  // The kernel writes NHWC [N, P, Q, k_pad]: into the output itself when that
+  // is channels_last without padding, else into a buffer copied out after.
+  const bool direct = out_channels_last && k_pad == K;
+  at::Tensor out = at::empty({N, K, P, Q}, x_in.options().memory_format(out_format));
+  const at::Tensor y = direct ? out
+                              : at::empty({N, k_pad, P, Q}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+
+  const ConvDtype kdtype = dtype == at::kHalf ? ConvDtype::kF16
+                           : dtype == at::kBFloat16 ? ConvDtype::kBF16
+                                                    : ConvDtype::kF32;
+  const int64_t M = N * P * Q;
+  const ConvTile tile =
+      stem ? ConvTile::kStem : choose_tile(kdtype, M, k_pad, groups, sm_count(device)).tile;
+
+  // Batch chunks: each launch keeps x, weight and output below 2^31 bytes.
+  const int64_t elem = x.element_size();
+  const int64_t image_in = H * W * c_pad * elem, image_out = P * Q * k_pad * elem;
+  const int64_t filter_bytes = w.numel() * elem;
+  TORCH_CHECK_NOT_IMPLEMENTED(filter_bytes <= kMaxTensorBytes && image_in <= kMaxTensorBytes &&
+                                  image_out <= kMaxTensorBytes,
+                              kOp, ": the weight (", filter_bytes, " bytes), one input image (", image_in,
+                              " bytes) and one output image (", image_out,
+                              " bytes) must each stay below 2^31 bytes (CUTLASS's 32-bit tensor offsets); "
+                              "backend='triton' or backend='torch' runs it");
+  const int64_t chunk = std::max<int64_t>(1, std::min({N, kMaxTensorBytes / image_in, kMaxTensorBytes / image_out}));
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  const auto* x_ptr = static_cast<const char*>(x.const_data_ptr());
+  const auto* r_ptr = has_residual ? static_cast<const char*>(residual.const_data_ptr()) : nullptr;
+  auto* y_ptr = static_cast<char*>(y.data_ptr());
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n = std::min(chunk, N - n0);
+    ConvProblem p;
+    p.N = static_cast<int>(n);
+    p.H = static_cast<int>(H);
+    p.W = static_cast<int>(W);
+    p.C = static_cast<int>(c_pad);
+    p.K = static_cast<int>(k_pad);
+    p.R = static_cast<int>(R);
+    p.S = static_cast<int>(S);
+    p.P = static_cast<int>(P);
+    p.Q = static_cast<int>(Q);
+    p.pad_h = static_cast<int>(padding[0]);
+    p.pad_w = static_cast<int>(padding[1]);
+    p.stride_h = static_cast<int>(stride[0]);
+    p.stride_w = static_cast<int>(stride[1]);
+    p.dil_h = static_cast<int>(dilation[0]);
+    p.dil_w = static_cast<int>(dilation[1]);
+    p.groups = static_cast<int>(groups);
+    p.x = x_ptr + n0 * image_in;
+    p.w = w.const_data_ptr();
+    p.residual = has_residual ? r_ptr + n0 * image_out : nullptr;
+    p.y = y_ptr + n0 * image_out;
+    p.scale = scale_v.const_data_ptr<float>();
+    p.shift = shift_v.const_data_ptr<float>();
+    p.activation = static_cast<int>(act);
+    check_launch(run(kdtype, tile, p, stream), p, tile);
+  }
+  if (!direct) out.copy_(k_pad == K ? y : y.narrow(1, 0, K));
+  return out;
+}
+
+// The shape rules without a GPU: `major` is the device's compute capability
+// major (torch.cuda.get_device_capability(device)[0]).
+std::string conv_bn_act_cuda_unsupported(at::ScalarType dtype, int64_t C, int64_t K, int64_t R, int64_t S,
+                                         int64_t groups, int64_t major) {
+  TORCH_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, "_conv_bn_act_cuda_unsupported: expected "
+                    "C and K divisible by groups >= 1, got C=", C, ", K=", K, ", groups=", groups);
+  return unsupported_reason(dtype, C, K, R, S, groups, static_cast<int>(major));
+}
+
+}  // namespace
+}  // namespace fastres
+
+TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+  m.impl("conv_bn_act_cuda", &fastres::conv_bn_act_cuda);
+}
+
+TORCH_LIBRARY_IMPL(fastres, CompositeImplicitAutograd, m) {
+  m.impl("_conv_bn_act_cuda_unsupported", &fastres::conv_bn_act_cuda_unsupported);
+}
