@@ -39,7 +39,6 @@ from fastres._checks import (
     pair,
 )
 
-assert _extension  # imported first: loading fastres._C defines the cuda ops
 
 if backends.TRITON_VERSION is not None:  # else the triton backend reports why it is missing
     import fastres.triton  # noqa: F401  (defines the triton ops)
@@ -270,9 +269,13 @@ def implemented_backends(op: str) -> List[str]:
     return ["torch", *_OPS[op]]
 
 
-def _run(op: str, backend: Optional[str], device: torch.device):
-    """Resolve the backend; returns the custom op to call, or None for the reference."""
-    chosen = backends.resolve(f"fastres.ops.{op}", backend, device, implemented_backends(op))
+def _run(op: str, backend: Optional[str], device: torch.device, exclude: Sequence[str] = ()):
+    """Resolve the backend; returns the custom op to call, or None for the reference.
+
+    ``exclude``: backends that cannot run this call's shapes, skipped by ``backend=None``.
+    """
+    implemented = [b for b in implemented_backends(op) if backend is not None or b not in exclude]
+    chosen = backends.resolve(f"fastres.ops.{op}", backend, device, implemented)
     return None if chosen == "torch" else _OPS[op][chosen]
 
 
@@ -344,7 +347,12 @@ def conv_bn_act(
     stride, padding, dilation = _check_conv_bn_act(
         "fastres.ops.conv_bn_act", x, weight, scale, shift, residual, stride, padding, dilation, groups, activation
     )
-    fn = _run("conv_bn_act", backend, x.device)
+    # The cuda kernels cover most but not all convs (docs/cuda_conv.md); the
+    # best-available choice skips them for the rest, an explicit "cuda" raises.
+    exclude = ()
+    if backend is None and x.is_cuda and _extension.cuda_conv_unsupported_reason(x, weight, groups) is not None:
+        exclude = ("cuda",)
+    fn = _run("conv_bn_act", backend, x.device, exclude)
     if fn is None:
         impl = _onednn.conv_bn_act if _onednn.applies(x, weight, scale, shift, residual, activation) else reference.conv_bn_act
         return impl(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation)
