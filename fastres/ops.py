@@ -15,7 +15,7 @@ op                                          computes
 ``add_act_backward_{triton,cuda}``          ``grad * act'(x + residual)``
 ``bn_act_{triton,cuda}``                    ``act(x * scale[c] + shift[c] (+ residual))``
 ``bn_act_backward_{triton,cuda}``           ``(grad_x, grad_z, grad_scale, grad_shift)``
-``conv_bn_act_triton``                      ``act(conv2d(x, w) * scale[k] + shift[k] (+ r))``
+``conv_bn_act_{triton,cuda}``               ``act(conv2d(x, w) * scale[k] + shift[k] (+ r))``
 ==========================================  ===========================================
 
 The Triton ops are defined next to their kernels (``fastres/triton/``); the
