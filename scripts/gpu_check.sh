@@ -9,6 +9,11 @@
 #
 #   bash scripts/gpu_check.sh            # everything
 #   STEPS="build tests" bash scripts/gpu_check.sh
+#
+# The GPU image has no nvidia-cutlass (the conv kernels' headers) and no
+# network: carry its wheel, made here with
+#   pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass
+# (.whl/ is git-ignored; name it in the device call's carry list).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
