@@ -92,7 +92,8 @@ def providers(shape, backend, dtype, device) -> Dict[str, object]:
     # BN folded in fp32, then cast: w' = w * scale[k], b' = shift.
     w_f = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=torch.channels_last)
     b_f = shift.to(dtype)
-    args = (shape.stride, shape.padding, shape.dilation, shape.groups)
+    # The cudnn_* ops take lists (no int broadcast as in F.conv2d).
+    args = ([shape.stride] * 2, [shape.padding] * 2, [shape.dilation] * 2, shape.groups)
     if not relu:
         cudnn = lambda: F.conv2d(x, w_f, b_f, *args)  # noqa: E731
     elif r is None:
