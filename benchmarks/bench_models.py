@@ -1,0 +1,413 @@
+"""The model suites: whole-network eval throughput (``models``) and one training
+step (``train``), torchvision against fastres, with peak memory and the
+logits' error against torchvision fp32.
+
+Every (arch, batch) starts from one torchvision model with seeded random
+weights and random BN statistics and affine parameters (so that folding BN is
+really exercised; pretrained weights are not needed to measure speed or error).
+Each provider gets its own copy of it (fastres: ``fastres.convert`` of it), so
+all rows compute the same function on the same input, and the reference is
+torchvision fp32 NCHW on the same device with TF32 off.
+
+Eval providers (:func:`eval_providers`):
+
+===========================  ===================================================
+``tv-eager``                 torchvision eager (fp32 NCHW; the 16-bit dtypes channels_last)
+``tv-fx-fuse``               (CPU) torchvision with BN folded into the convs by
+                             ``torch.fx.experimental.optimization.fuse``, channels_last
+``tv-cudagraph``             (GPU) torchvision eager captured in one CUDA graph
+``tv-compile``               ``torch.compile(model)`` (mode default)
+``tv-compile-max-autotune``  ``torch.compile(model, mode="max-autotune")`` (it uses CUDA graphs)
+``fastres-<backend>``        ``fastres.convert(model, backend=...)`` for each usable backend
+``fastres-cudagraph``        (GPU) fastres, best backend, in one CUDA graph
+``fastres-compile``          ``torch.compile`` of fastres, best backend
+===========================  ===================================================
+
+Timing: the first call (compile time for compiled providers, capture for
+CUDA graphs) is timed on its own and reported as ``first_call_s``; then, on a
+GPU, :func:`benchmarks.timing.time_iterations` per provider (warm-up, trials
+of back-to-back iterations between CUDA events, median/p20/p80); on a CPU,
+:func:`benchmarks.timing.bench_interleaved` over all providers of the case
+(rounds of one call each, so that other processes' load hits all alike). Peak memory is
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the
+start of the timed trials (so it counts weights, input, activations and, in
+training, gradients and optimizer state); previous cases are freed first.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.timing import bench_interleaved, synchronize, time_iterations
+
+MiB = 2 ** 20
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ModelProvider:
+    name: str  # tv-eager, tv-fx-fuse, tv-cudagraph, tv-compile[-max-autotune], fastres-<b>, fastres-cudagraph, fastres-compile
+    dtype: torch.dtype
+    layout: str  # "nchw" or "channels_last"
+    backend: Optional[str] = None  # the fastres backend (None for torchvision)
+    amp: bool = False  # training: autocast to dtype with fp32 weights
+
+    @property
+    def fastres(self) -> bool:
+        return self.name.startswith("fastres")
+
+    @property
+    def compile_mode(self) -> Optional[str]:
+        if not self.name.endswith("compile") and "compile-" not in self.name:
+            return None
+        return self.name.split("compile", 1)[1].lstrip("-") or "default"
+
+    @property
+    def cudagraph(self) -> bool:
+        return self.name.endswith("cudagraph")
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} {DTYPE_NAMES[self.dtype]} {self.layout}"
+
+
+def eval_backends(device: torch.device) -> List[str]:
+    """fastres backends that can run a whole eval model here (they must implement conv_bn_act)."""
+    from fastres import backends, ops
+
+    return backends.usable_backends(device, ops.implemented_backends("conv_bn_act"))
+
+
+def train_backends(device: torch.device) -> List[str]:
+    """fastres backends for training (batch-statistics BN runs F.conv2d, then bn_act)."""
+    from fastres import backends, ops
+
+    return backends.usable_backends(device, ops.implemented_backends("bn_act"))
+
+
+def _other16(dtype: torch.dtype) -> Optional[torch.dtype]:
+    return {torch.bfloat16: torch.float16, torch.float16: torch.bfloat16}.get(dtype)
+
+
+def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: Sequence[str] = ("default",),
+                   full: bool = False) -> List[ModelProvider]:
+    """Eval providers, baselines first. ``dtype``: the main low-precision dtype (GPU)."""
+    cl, f32 = "channels_last", torch.float32
+    if device.type != "cuda":
+        out = [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", f32, cl),
+               ModelProvider("tv-fx-fuse", f32, cl)]
+        out += [ModelProvider(f"fastres-{b}", f32, cl, b) for b in eval_backends(device)]
+        out += [ModelProvider("tv-compile" if m == "default" else f"tv-compile-{m}", f32, cl) for m in compile_modes]
+        if compile_modes:
+            out.append(ModelProvider("fastres-compile", f32, cl, eval_backends(device)[0]))
+        return out
+    # Most telling first, so that a --time-limit cuts the least important rows.
+    best = eval_backends(device)[0]
+    out = [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", dtype, cl)]
+    out += [ModelProvider(f"fastres-{b}", dtype, cl, b) for b in eval_backends(device)]
+    out += [ModelProvider("tv-cudagraph", dtype, cl), ModelProvider("fastres-cudagraph", dtype, cl, best)]
+    out += [ModelProvider("tv-compile" if m == "default" else f"tv-compile-{m}", dtype, cl) for m in compile_modes]
+    if "default" in compile_modes:
+        out.append(ModelProvider("fastres-compile", dtype, cl, best))
+    other = _other16(dtype)
+    if other is not None:
+        out.append(ModelProvider("tv-eager", other, cl))
+        if full:
+            out.append(ModelProvider(f"fastres-{best}", other, cl, best))
+    return out
+
+
+def train_providers(device: torch.device, dtype: torch.dtype) -> List[ModelProvider]:
+    """Training providers: torchvision eager and fastres in the same dtype and layout
+    (GPU: autocast to ``dtype``, fp32 weights, channels_last; CPU: fp32, and NCHW too)."""
+    cl = "channels_last"
+    if device.type != "cuda":
+        f32 = torch.float32
+        return [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", f32, cl),
+                *(ModelProvider(f"fastres-{b}", f32, cl, b) for b in train_backends(device))]
+    amp = dtype != torch.float32
+    return [ModelProvider("tv-eager", dtype, cl, amp=amp),
+            *(ModelProvider(f"fastres-{b}", dtype, cl, b, amp=amp) for b in train_backends(device))]
+
+
+# ----------------------------------------------------------------------------
+# Models.
+# ----------------------------------------------------------------------------
+
+
+def make_torchvision(arch: str, seed: int = 0) -> nn.Module:
+    """torchvision's ``arch`` on the CPU in fp32, eval mode, seeded random weights,
+    with random BN statistics and affine parameters."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, weights=None)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.0, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+                m.running_mean.normal_(0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    return model.eval()
+
+
+def _prepare(p: ModelProvider, base: nn.Module, device: torch.device, train: bool) -> nn.Module:
+    import fastres
+
+    if p.fastres:
+        model = fastres.convert(base, backend=p.backend, warn=False)
+    elif p.name == "tv-fx-fuse":
+        from torch.fx.experimental.optimization import fuse
+
+        model = fuse(copy.deepcopy(base).eval())
+    else:
+        model = copy.deepcopy(base)
+    model = model.to(device=device, dtype=torch.float32 if p.amp else p.dtype)
+    if p.layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    return model.train(train)
+
+
+def _input(x: torch.Tensor, p: ModelProvider) -> torch.Tensor:
+    x = x.to(torch.float32 if p.amp else p.dtype)
+    return x.contiguous(memory_format=torch.channels_last if p.layout == "channels_last" else torch.contiguous_format)
+
+
+def _cuda_graph(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    """``fn(x)`` captured in a CUDA graph (warm-up on a side stream first, so that
+    caches fill and Triton autotunes before capture); returns (replay fn, graph)."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = fn(static_x)
+
+    def replay():
+        graph.replay()
+        return static_y
+
+    return replay, graph
+
+
+class _NoTF32:
+    """TF32 off for an exact fp32 reference."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def reference_logits(base: nn.Module, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+    """torchvision fp32 NCHW on ``x``'s device, TF32 off (train: batch-statistics BN)."""
+    model = copy.deepcopy(base).to(x.device).train(train)
+    with _NoTF32(), torch.no_grad():
+        y = model(x.float().contiguous()).float()
+    del model
+    return y
+
+
+def logits_error(y: torch.Tensor, ref: torch.Tensor) -> Dict[str, float]:
+    d = y.float() - ref
+    return {"max_abs_err": d.abs().max().item(),
+            "rel_l2_err": (d.norm() / ref.norm().clamp_min(1e-30)).item()}
+
+
+def _cleanup(device: torch.device, compiled: bool) -> None:
+    if compiled:
+        torch._dynamo.reset()  # frees compiled graphs (and their CUDA graph pools)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _skip_reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:300]
+
+
+# ----------------------------------------------------------------------------
+# Runners.
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    fn: Callable[[], object]  # one iteration (forward or training step)
+    first_s: float  # the first call: compilation, capture, autotuning
+    logits: torch.Tensor  # the first call's logits, fp32
+    keep: tuple = ()  # objects the fn needs alive (model, graph, optimizer)
+
+
+def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, device: torch.device) -> _Prepared:
+    model = _prepare(p, base, device, train=False)
+    xin = _input(x, p)
+    with torch.no_grad():
+        fwd, graph = model, None
+        if p.compile_mode is not None:
+            torch._dynamo.reset()
+            fwd = torch.compile(model, mode=None if p.compile_mode == "default" else p.compile_mode, dynamic=False)
+        t0 = time.perf_counter()
+        if p.cudagraph:
+            replay, graph = _cuda_graph(model, xin)
+            y = replay()
+        else:
+            y = fwd(xin)
+        synchronize(device)
+        first_s = time.perf_counter() - t0
+    y = y.detach().float().clone()
+
+    def forward():
+        with torch.no_grad():
+            return replay() if graph is not None else fwd(xin)
+
+    return _Prepared(forward, first_s, y, (model, fwd, graph, xin))
+
+
+def _setup_train(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                 device: torch.device) -> _Prepared:
+    model = _prepare(p, base, device, train=True)
+    xin = _input(x, p)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    first_logits = []
+
+    def step():
+        with torch.autocast(device.type, dtype=p.dtype) if p.amp else contextlib.nullcontext():
+            out = model(xin)
+            loss = F.cross_entropy(out.float(), labels)
+        if not first_logits:
+            first_logits.append(out.detach().float().clone())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    return _Prepared(step, time.perf_counter() - t0, first_logits[0], (model, opt, xin))
+
+
+def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch.device, providers_for,
+         setup, *, image_size: int, trials: int, trial_ms: float, progress, budget,
+         skipped: Optional[List[dict]]) -> List[dict]:
+    """Rows for every (arch, batch, provider) of one model suite.
+
+    GPU: one provider at a time (built, first call, warm-up, timed trials, peak
+    memory, freed). CPU: every provider of an (arch, batch) is built first, then
+    they are timed in interleaved rounds (:func:`benchmarks.timing.bench_interleaved`).
+    """
+    train = suite == "train"
+    rows: List[dict] = []
+    for arch in archs:
+        base = make_torchvision(arch)
+        for batch in batches:
+            provs = providers_for(arch, batch)
+            gen = torch.Generator().manual_seed(batch)
+            x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device)
+            labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+            ref = None
+            measured: List[Tuple[ModelProvider, dict, torch.Tensor]] = []
+            prepared: Dict[ModelProvider, _Prepared] = {}
+
+            def common(p):
+                row = {"suite": suite, "arch": arch, "batch": batch, "image_size": image_size, "provider": p.name,
+                       "backend": p.backend, "dtype": DTYPE_NAMES[p.dtype], "layout": p.layout}
+                if train:
+                    row.update({"amp": p.amp, "optimizer": "SGD(momentum=0.9)"})
+                else:
+                    row["compile_mode"] = p.compile_mode
+                return row
+
+            def skip(p, reason):
+                if skipped is not None:
+                    skipped.append({**common(p), "reason": reason})
+
+            for p in provs:
+                if progress is not None:
+                    progress.set_postfix_str(f"{arch} N={batch} {p.key}", refresh=False)
+                if budget is not None and budget.exhausted():
+                    skip(p, "time limit reached")
+                    if progress is not None:
+                        progress.update(1)
+                    continue
+                try:
+                    if ref is None:
+                        ref = reference_logits(base, x, train=train)
+                    prep = setup(p, base, x, labels, device)
+                    if device.type != "cuda":
+                        prepared[p] = prep
+                        continue
+                    torch.cuda.reset_peak_memory_stats(device)
+                    t = time_iterations(prep.fn, device, trials=trials, trial_ms=trial_ms, warmup=2)
+                    t["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / MiB
+                    measured.append((p, {**t, "first_call_s": prep.first_s}, prep.logits))
+                except Exception as e:  # noqa: BLE001 - a provider failing (OOM, no backend) is reported
+                    skip(p, _skip_reason(e))
+                prep = None
+                if device.type == "cuda":
+                    _cleanup(device, p.compile_mode is not None)
+                if progress is not None:
+                    progress.update(1)
+            if prepared:
+                stats = bench_interleaved({p.key: v.fn for p, v in prepared.items()}, warmup=1, min_reps=trials)
+                for p, v in prepared.items():
+                    measured.append((p, {**stats[p.key], "first_call_s": v.first_s}, v.logits))
+                    if progress is not None:
+                        progress.update(1)
+                prepared.clear()
+            case_rows = [{**common(p), **t, "images_per_s": batch / (t["ms"] * 1e-3), **logits_error(y, ref)}
+                         for p, t, y in measured]
+            _add_speedups(case_rows)
+            rows += case_rows
+            del x, labels, ref, measured
+            _cleanup(device, any(p.compile_mode for p in provs))
+    return rows
+
+
+def run_eval(archs: Sequence[str], batches: Sequence[int], device: torch.device, providers_for, *,
+             image_size: int = 224, trials: int = 5, trial_ms: float = 200.0, progress=None, budget=None,
+             skipped: Optional[List[dict]] = None) -> List[dict]:
+    """Eval rows for every (arch, batch, provider); ``providers_for(arch, batch)`` lists the providers."""
+    return _run("models", archs, batches, device, providers_for, _setup_eval, image_size=image_size,
+                trials=trials, trial_ms=trial_ms, progress=progress, budget=budget, skipped=skipped)
+
+
+def run_train(archs: Sequence[str], batches: Sequence[int], device: torch.device, provs: Sequence[ModelProvider], *,
+              image_size: int = 224, trials: int = 5, trial_ms: float = 200.0, progress=None, budget=None,
+              skipped: Optional[List[dict]] = None) -> List[dict]:
+    """One optimizer step (forward, cross-entropy, backward, SGD with momentum) per
+    (arch, batch, provider); the error is that of the first step's logits against
+    torchvision fp32 in train mode (batch-statistics BN) on the same input."""
+    return _run("train", archs, batches, device, lambda a, b: list(provs), _setup_train, image_size=image_size,
+                trials=trials, trial_ms=trial_ms, progress=progress, budget=budget, skipped=skipped)
+
+
+def _add_speedups(rows: List[dict]) -> None:
+    """``speedup_vs_tv_fp32`` (vs torchvision eager fp32 NCHW) and ``speedup_vs_tv_same``
+    (vs torchvision eager in the row's dtype, channels_last) for the rows of one (arch, batch)."""
+    def find(dtype, layout):
+        return next((r["ms"] for r in rows if r["provider"] == "tv-eager" and r["dtype"] == dtype
+                     and r["layout"] == layout), None)
+
+    fp32 = find("float32", "nchw")
+    for r in rows:
+        same = find(r["dtype"], r["layout"]) or find(r["dtype"], "channels_last")
+        r["speedup_vs_tv_fp32"] = fp32 / r["ms"] if fp32 else None
+        r["speedup_vs_tv_same"] = same / r["ms"] if same else None
