@@ -119,20 +119,23 @@ def _activation(conv: ConvShape) -> str:
     return "identity" if "downsample" in conv.name else "relu"
 
 
+def conv_case(s: ConvShape, source: str = "") -> KernelCase:
+    """The ``conv_bn_act`` case of one convolution of a network."""
+    geometry = ConvShape(s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.padding, s.dilation, s.groups, s.residual)
+    return KernelCase("conv_bn_act", (s.N, s.C, s.H, s.W), s.residual, _activation(s), geometry, source)
+
+
 def cases_of(arch: str, batch: int, image_size: int = 224) -> List[KernelCase]:
     """Every distinct kernel case of ``arch`` at ``batch``, in order of first use:
     the conv, then bn_act on its output, then add_act where a residual add follows."""
     out: Dict[KernelCase, None] = {}
     for s in conv_shapes(arch, batch, image_size):
-        act = _activation(s)
-        geometry = ConvShape(s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.padding, s.dilation, s.groups,
-                             s.residual)
         src = f"{arch} {s.name}" + (f" (x{s.count})" if s.count > 1 else "")
+        conv = conv_case(s, src)
         oshape = (s.N, s.K, s.P, s.Q)
-        found = [KernelCase("conv_bn_act", (s.N, s.C, s.H, s.W), s.residual, act, geometry, src),
-                 KernelCase("bn_act", oshape, s.residual, act, None, src)]
+        found = [conv, KernelCase("bn_act", oshape, s.residual, conv.activation, None, src)]
         if s.residual:
-            found.append(KernelCase("add_act", oshape, True, act, None, src))
+            found.append(KernelCase("add_act", oshape, True, conv.activation, None, src))
         for case in found:
             out.setdefault(case, None)
     return list(out)
@@ -213,6 +216,29 @@ def _bn(channels: int, device, gen: torch.Generator) -> torch.nn.BatchNorm2d:
     return bn.to(device)
 
 
+def _conv_modules(c: ConvShape, device, dtype, gen: torch.Generator):
+    """A bias-free ``nn.Conv2d`` (He-initialized, channels_last, ``dtype``) and its eval BN, with (scale, shift)."""
+    from fastres import ops
+
+    conv = torch.nn.Conv2d(c.C, c.K, (c.R, c.S), c.stride, c.padding, c.dilation, c.groups, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / (c.C // c.groups * c.R * c.S)) ** 0.5)
+    conv = conv.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+    bn = _bn(c.K, device, gen)
+    scale, shift = (t.detach() for t in ops.bn_scale_shift(bn))
+    return conv, bn, scale, shift
+
+
+def conv_inputs(case: KernelCase, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """``(x, weight, scale, shift, residual or None)`` of a ``conv_bn_act`` case, channels_last."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype)
+    r = torch.randn(case.out_shape, generator=gen).to(device=device, dtype=dtype) if case.residual else None
+    conv, _, scale, shift = _conv_modules(case.conv, device, dtype, gen)
+    cl = torch.channels_last
+    return x.contiguous(memory_format=cl), conv.weight.detach(), scale, shift, None if r is None else r.contiguous(memory_format=cl)
+
+
 def providers(case: KernelCase, device: torch.device, dtype: torch.dtype, *, compile: bool = True,
               seed: int = 0) -> Dict[str, Tuple[Callable[[], torch.Tensor], Optional[str]]]:
     """``{provider: (fn, fastres backend or None)}`` for ``case``; each ``fn()`` returns the output.
@@ -249,12 +275,7 @@ def providers(case: KernelCase, device: torch.device, dtype: torch.dtype, *, com
                  for b in kernel_backends(case.op, device)}
     else:
         c = case.conv
-        conv = torch.nn.Conv2d(c.C, c.K, (c.R, c.S), c.stride, c.padding, c.dilation, c.groups, bias=False)
-        with torch.no_grad():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / (c.C // c.groups * c.R * c.S)) ** 0.5)
-        conv = conv.to(device=device, dtype=dtype, memory_format=cl).eval()
-        bn = _bn(c.K, device, gen)
-        scale, shift = (t.detach() for t in ops.bn_scale_shift(bn))
+        conv, bn, scale, shift = _conv_modules(c, device, dtype, gen)
         geometry = dict(stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
 
         def eager():

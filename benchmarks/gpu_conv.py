@@ -38,69 +38,27 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `fastres
 import torch
 import torch.nn.functional as F
 
-PROVIDERS = ("eager", "cudnn", "fastres")
+from benchmarks import cases
+
+# Columns of this script's output, and the benchmarks.cases provider each one is.
+PROVIDERS = {"eager": "eager", "cudnn": "cudnn-fused", "fastres": "fastres-{backend}"}
 
 
-def _activation(shape) -> str:
-    """ResNet's downsample convs feed the residual through BN alone; every other conv ends in a ReLU."""
-    return "identity" if "downsample" in shape.name else "relu"
-
-
-def _inputs(shape, dtype, device, seed=0):
+def _fused(case, backend, x, weight, scale, shift, r):
     from fastres import ops
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    cl = torch.channels_last
-    x = torch.randn(shape.N, shape.C, shape.H, shape.W, device=device, generator=gen)
-    x = x.to(dtype).contiguous(memory_format=cl)
-    conv = torch.nn.Conv2d(shape.C, shape.K, (shape.R, shape.S), shape.stride, shape.padding, shape.dilation,
-                           shape.groups, bias=False, device=device)
-    conv = conv.to(dtype=dtype, memory_format=cl).eval()
-    bn = torch.nn.BatchNorm2d(shape.K, device=device).eval()  # fp32 parameters, as in AMP models
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5, generator=gen)
-        bn.bias.normal_(0, 0.5, generator=gen)
-        bn.running_mean.normal_(0, 0.5, generator=gen)
-        bn.running_var.uniform_(0.5, 2.0, generator=gen)
-    scale, shift = (t.detach() for t in ops.bn_scale_shift(bn))
-    r = None
-    if shape.residual:
-        r = torch.randn(shape.N, shape.K, shape.P, shape.Q, device=device, generator=gen).to(dtype)
-        r = r.contiguous(memory_format=cl)
-    return x, conv, bn, scale, shift, r
-
-
-def _fused(shape, backend, x, weight, scale, shift, r):
-    from fastres import ops
-
-    return lambda: ops.conv_bn_act(
-        x, weight, scale, shift, r, stride=shape.stride, padding=shape.padding, dilation=shape.dilation,
-        groups=shape.groups, activation=_activation(shape), backend=backend,
-    )
+    c = case.conv
+    return ops.conv_bn_act(x, weight, scale, shift, r, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                           groups=c.groups, activation=case.activation, backend=backend)
 
 
 def providers(shape, backend, dtype, device) -> Dict[str, object]:
-    x, conv, bn, scale, shift, r = _inputs(shape, dtype, device)
-    relu = _activation(shape) == "relu"
-
-    def eager():
-        y = bn(conv(x))
-        if r is not None:
-            y = y + r
-        return torch.relu(y) if relu else y
-
-    # BN folded in fp32, then cast: w' = w * scale[k], b' = shift.
-    w_f = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=torch.channels_last)
-    b_f = shift.to(dtype)
-    # The cudnn_* ops take lists (no int broadcast as in F.conv2d).
-    args = ([shape.stride] * 2, [shape.padding] * 2, [shape.dilation] * 2, shape.groups)
-    if not relu:
-        cudnn = lambda: F.conv2d(x, w_f, b_f, *args)  # noqa: E731
-    elif r is None:
-        cudnn = lambda: torch.cudnn_convolution_relu(x, w_f, b_f, *args)  # noqa: E731
-    else:
-        cudnn = lambda: torch.cudnn_convolution_add_relu(x, w_f, r, 1.0, b_f, *args)  # noqa: E731
-    return {"eager": eager, "cudnn": cudnn, "fastres": _fused(shape, backend, x, conv.weight, scale, shift, r)}
+    """``{"eager", "cudnn", "fastres"}`` -> fn, from the kernel benchmark's cases (``benchmarks/cases.py``)."""
+    fns = cases.providers(cases.conv_case(shape), device, dtype, compile=False)
+    want = {col: name.format(backend=backend) for col, name in PROVIDERS.items()}
+    if want["fastres"] not in fns:
+        raise SystemExit(f"gpu_conv: backend {backend!r} cannot run conv_bn_act here")
+    return {col: fns[name][0] for col, name in want.items()}
 
 
 def check(shapes, backend, dtype, device, tol: float) -> List[dict]:
@@ -112,19 +70,20 @@ def check(shapes, backend, dtype, device, tol: float) -> List[dict]:
     torch.backends.cudnn.allow_tf32 = False  # an exact fp32 reference
     try:
         for shape in _progress(shapes, "check"):
-            x, conv, _, scale, shift, r = _inputs(shape, dtype, device)
+            case = cases.conv_case(shape)
+            x, weight, scale, shift, r = cases.conv_inputs(case, device, dtype)
             with torch.no_grad():
-                y = _fused(shape, backend, x, conv.weight, scale, shift, r)()
+                y = _fused(case, backend, x, weight, scale, shift, r)
                 up = lambda t: None if t is None else t.float()  # noqa: E731
                 ref = reference.conv_bn_act(
-                    up(x), up(conv.weight), scale, shift, up(r), [shape.stride] * 2, [shape.padding] * 2,
-                    [shape.dilation] * 2, shape.groups, _activation(shape),
+                    up(x), up(weight), scale, shift, up(r), [shape.stride] * 2, [shape.padding] * 2,
+                    [shape.dilation] * 2, shape.groups, case.activation,
                 ).to(dtype)
             err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
             ok = math.isfinite(err) and err <= tol and y.stride() == ref.stride()
             rows.append({"shape": shape.label, "name": shape.name, "batch": shape.N, "rel_err": err, "ok": ok})
             print(f"  {'PASS' if ok else 'FAIL'}  {shape.label:<36} rel err {err:.2e}", flush=True)
-            del x, conv, r, y, ref
+            del x, weight, r, y, ref
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     return rows
@@ -137,12 +96,13 @@ def check_int64(backend, dtype, device, tol: float, batch: int = 2800) -> dict:
     from fastres.shapes import ConvShape
 
     shape = ConvShape(batch, 64, 56, 56, 256, 1, 1, 1, 0, 1, 1, True, name="int64-check")
-    x, conv, _, scale, shift, r = _inputs(shape, dtype, device)
+    case = cases.conv_case(shape)
+    x, weight, scale, shift, r = cases.conv_inputs(case, device, dtype)
     with torch.no_grad():
-        y = _fused(shape, backend, x, conv.weight, scale, shift, r)()
+        y = _fused(case, backend, x, weight, scale, shift, r)
         errs = []
         for sl in (slice(0, 2), slice(batch - 2, batch)):
-            ref = torch.relu(F.conv2d(x[sl].float(), conv.weight.float()) * scale.view(1, -1, 1, 1)
+            ref = torch.relu(F.conv2d(x[sl].float(), weight.float()) * scale.view(1, -1, 1, 1)
                              + shift.view(1, -1, 1, 1) + r[sl].float()).to(dtype)
             errs.append(((y[sl].float() - ref.float()).abs().max() / ref.float().abs().max()).item())
     err = max(errs)
@@ -166,7 +126,7 @@ def bench(shapes, backend, dtype, device, rep_ms: int) -> List[dict]:
                 torch.cuda.synchronize()
             t = {p: time_fn(fns[p], device, rep_ms=rep_ms) for p in PROVIDERS}
         row = {"shape": shape.label, "name": shape.name, "batch": shape.N, "count": shape.count,
-               "activation": _activation(shape), "gflop": shape.flops / 1e9}
+               "activation": cases.conv_case(shape).activation, "gflop": shape.flops / 1e9}
         for p in PROVIDERS:
             row.update({f"{p}_ms": t[p]["ms"], f"{p}_ms_p20": t[p]["ms_p20"], f"{p}_ms_p80": t[p]["ms_p80"],
                         f"{p}_tflops": shape.flops / (t[p]["ms"] * 1e-3) / 1e12})
