@@ -40,7 +40,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <iterator>
-#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -62,6 +61,7 @@
 #include <torch/library.h>
 
 #include "activations.cuh"
+#include "host_utils.h"
 
 namespace fastres {
 namespace {
@@ -78,73 +78,10 @@ constexpr const char* kOp = "conv_bn_act_cuda";
 constexpr int64_t kMaxTensorBytes = (int64_t(1) << 31) - 1;
 
 // ===========================================================================
-// Small host helpers (elementwise.cu's are private to that file).
+// Small host helpers (the ones shared with elementwise.cu: host_utils.h).
 // ===========================================================================
 
-const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "float32";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kDouble:
-      return "float64";
-    default:
-      return c10::toString(t);
-  }
-}
-
-std::string describe(const at::Tensor& t) {
-  if (!t.defined()) return "an undefined tensor";
-  std::ostringstream os;
-  os << "a " << t.dim() << "-D " << dtype_name(t.scalar_type());
-  if (t.layout() != at::kStrided) os << " " << t.layout();
-  os << " tensor of shape " << t.sizes() << " on " << t.device();
-  return os.str();
-}
-
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-bool aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
-int64_t round_up(int64_t v, int64_t m) {
-  return (v + m - 1) / m * m;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-int device_attribute(cudaDeviceAttr attr, int device) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
-  return value;
-}
-
-// A positive device attribute, cached per device (the op runs under CUDA-graph
-// capture too, where no call should be needed that is not).
-template <cudaDeviceAttr kAttr>
-int cached_attribute(int device) {
-  static std::atomic<int> cache[64];  // zero-initialized (static storage)
-  if (device >= 0 && device < 64) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  const int value = std::max(device_attribute(kAttr, device), 1);
-  if (device >= 0 && device < 64) cache[device].store(value, std::memory_order_relaxed);
-  return value;
-}
-
-int sm_count(int device) {
-  return cached_attribute<cudaDevAttrMultiProcessorCount>(device);
-}
-
+// The compute capability major of `device` (cached, host_utils.h).
 int device_major(int device) {
   return cached_attribute<cudaDevAttrComputeCapabilityMajor>(device);
 }
@@ -303,7 +240,7 @@ const char* tile_name(ConvTile tile) {
 at::Tensor nhwc(const at::Tensor& t, int64_t channels) {
   if (channels == t.size(1)) {
     at::Tensor out = t.contiguous(at::MemoryFormat::ChannelsLast);
-    if (!aligned16(out)) out = out.clone(at::MemoryFormat::ChannelsLast);
+    if (!aligned16(out.const_data_ptr())) out = out.clone(at::MemoryFormat::ChannelsLast);
     return out;
   }
   at::Tensor out = at::zeros({t.size(0), channels, t.size(2), t.size(3)},
@@ -317,7 +254,7 @@ at::Tensor krsc(const at::Tensor& w, int64_t k_pad, int64_t c_pad) {
   const at::Tensor permuted = w.permute({0, 2, 3, 1});
   if (k_pad == w.size(0) && c_pad == w.size(1)) {
     at::Tensor out = permuted.contiguous();
-    if (!aligned16(out)) out = out.clone();
+    if (!aligned16(out.const_data_ptr())) out = out.clone();
     return out;
   }
   at::Tensor out = at::zeros({k_pad, w.size(2), w.size(3), c_pad}, w.options());

@@ -417,6 +417,28 @@ using Stem16 = ConvBnActKernel<Element, Shape<128, 64, 32>, Shape<64, 32, 32>, S
 using Tf32 = ConvBnActKernel<float, Shape<128, 64, 16>, Shape<64, 32, 16>, Shape<16, 8, 8>, 6,
                              cutlass::conv::IteratorAlgorithm::kOptimized, 4, cutlass::conv::GroupMode::kSingleGroup>;
 
+// The body of run_conv_f16 and run_conv_bf16: the 16-bit kernel of `tile` for
+// `Element` (cutlass::half_t or cutlass::bfloat16_t). Each dtype's TU
+// (conv_bn_act_kernels_{f16,bf16}.cu) instantiates it for its own type only,
+// so the two compile in parallel.
+template <typename Element>
+ConvLaunchResult run_conv_16bit(ConvTile tile, const ConvProblem& p, cudaStream_t stream) {
+  switch (tile) {
+    case ConvTile::k128x128:
+      return launch<Large16<Element>>(p, stream);
+    case ConvTile::k128x64:
+      return launch<Medium16<Element>>(p, stream);
+    case ConvTile::k64x64:
+      return launch<Small16<Element>>(p, stream);
+    case ConvTile::k128x32:
+      return launch<Narrow16<Element>>(p, stream);
+    case ConvTile::kStem:
+      return launch<Stem16<Element>>(p, stream);
+    default:
+      return not_compiled(tile);
+  }
+}
+
 #endif  // FASTRES_CONV_INTERFACE_ONLY
 
 }  // namespace conv

@@ -1,28 +1,15 @@
 // csrc/cuda/conv_bn_act_kernels_bf16.cu — the bfloat16 kernels of conv_bn_act_cuda
 // (one translation unit per dtype, so that the build compiles them in
-// parallel). The kernel types and the epilogue: conv_bn_act.cuh; the host
-// code that picks a tile and calls run_conv_bf16: conv_bn_act.cu.
+// parallel). The kernel types, the epilogue and the tile dispatch
+// (run_conv_16bit): conv_bn_act.cuh; the host code that picks a tile and
+// calls run_conv_bf16: conv_bn_act.cu.
 #include "conv_bn_act.cuh"
 
 namespace fastres {
 namespace conv {
 
 ConvLaunchResult run_conv_bf16(ConvTile tile, const ConvProblem& p, cudaStream_t stream) {
-  using Element = cutlass::bfloat16_t;
-  switch (tile) {
-    case ConvTile::k128x128:
-      return launch<Large16<Element>>(p, stream);
-    case ConvTile::k128x64:
-      return launch<Medium16<Element>>(p, stream);
-    case ConvTile::k64x64:
-      return launch<Small16<Element>>(p, stream);
-    case ConvTile::k128x32:
-      return launch<Narrow16<Element>>(p, stream);
-    case ConvTile::kStem:
-      return launch<Stem16<Element>>(p, stream);
-    default:
-      return not_compiled(tile);
-  }
+  return run_conv_16bit<cutlass::bfloat16_t>(tile, p, stream);
 }
 
 }  // namespace conv

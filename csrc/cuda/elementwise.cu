@@ -33,12 +33,9 @@
 // caching allocator, summed by at::sum; no floating-point atomics.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
-#include <sstream>
-#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -54,6 +51,7 @@
 #include <torch/library.h>
 
 #include "activations.cuh"
+#include "host_utils.h"
 
 namespace fastres {
 namespace {
@@ -415,35 +413,12 @@ __global__ void bn_act_backward_nchw_kernel(
 // ===========================================================================
 // Host side: argument checks (messages name the argument and what was
 // expected, like fastres/_checks.py), layout normalization, launch geometry.
+// The helpers shared with conv_bn_act.cu (describe, is_channels_last,
+// ceil_div, sm_count, ...) are in host_utils.h.
 // ===========================================================================
-
-const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "float32";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kDouble:
-      return "float64";
-    default:
-      return c10::toString(t);
-  }
-}
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-// "a 4-D float16 tensor of shape [2, 3, 4, 5] on cuda:0"
-std::string describe(const at::Tensor& t) {
-  if (!t.defined()) return "an undefined tensor";
-  std::ostringstream os;
-  os << "a " << t.dim() << "-D " << dtype_name(t.scalar_type());
-  if (t.layout() != at::kStrided) os << " " << t.layout();
-  os << " tensor of shape " << t.sizes() << " on " << t.device();
-  return os.str();
 }
 
 // `t` is a strided CUDA tensor of a supported dtype (and rank `ndim` if >= 0).
@@ -476,11 +451,6 @@ void check_channel_vector(const char* op, const char* name, const at::Tensor& t,
                     describe(t));
 }
 
-// fastres/_layout.py is_channels_last: NHWC and not (also) NCHW-contiguous.
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // fastres/_layout.py dense: `t` if NCHW- or NHWC-contiguous, else a copy in the
 // suggested memory format.
 at::Tensor dense(const at::Tensor& t) {
@@ -494,10 +464,6 @@ at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
   return at::empty_like(ref).copy_(t);
 }
 
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 bool all_aligned16(std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs) {
     if (p != nullptr && !aligned16(p)) return false;
@@ -505,28 +471,11 @@ bool all_aligned16(std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
 // The smallest power of two >= v, for v <= 2^30.
 int64_t next_pow2(int64_t v) {
   int64_t p = 1;
   while (p < v) p <<= 1;
   return p;
-}
-
-int sm_count(int device) {
-  static std::atomic<int> cache[64];  // zero-initialized (static storage)
-  if (device >= 0 && device < 64) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  count = std::max(count, 1);
-  if (device >= 0 && device < 64) cache[device].store(count, std::memory_order_relaxed);
-  return count;
 }
 
 // Calls f(std::integral_constant<int, VEC>{}) with VEC = 16 / sizeof(scalar_t)
@@ -615,7 +564,7 @@ NchwGeometry nchw_geometry(const Layout& L, int vec, int device) {
   int64_t parts = std::max<int64_t>(1, ceil_div(target_blocks, L.C));
   parts = std::min(parts, ceil_div(L.M, kThreads * vec));  // >= 1 since M >= 1
   NchwGeometry g;
-  g.chunk = ceil_div(ceil_div(L.M, parts), vec) * vec;
+  g.chunk = round_up(ceil_div(L.M, parts), vec);
   g.parts = ceil_div(L.M, g.chunk);  // no empty item
   g.threads = std::min<int64_t>(kThreads, std::max<int64_t>(32, next_pow2(ceil_div(g.chunk, vec))));
   g.grid = std::min(L.C * g.parts, kMaxGridX);
