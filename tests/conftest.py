@@ -5,6 +5,8 @@ interpreter: TRITON_INTERPRET=1 must be set before triton is imported, so it
 is set here, before anything imports fastres.
 """
 import os
+from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 
@@ -15,6 +17,7 @@ import pytest  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
+from fastres._layout import conv_out_size  # noqa: E402
 
 DEVICE = backends.default_device()
 
@@ -46,3 +49,51 @@ def kernel_backends(op):
 
 def all_backends(op):
     return [pytest.param("torch", id="torch"), *kernel_backends(op)]
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """A convolution for the kernel tests: input (n, c, h, w), weight (k, c/groups, r, s)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    dilation: Tuple[int, int] = (1, 1)
+    groups: int = 1
+    name: str = ""
+
+    @staticmethod
+    def of(cs, batch: int) -> "ConvCase":
+        """The geometry of a ``fastres.shapes.ConvShape`` at another batch size (unnamed,
+        so equal geometries of different networks compare equal)."""
+        return ConvCase(batch, cs.C, cs.H, cs.W, cs.K, cs.R, cs.S, (cs.stride,) * 2, (cs.padding,) * 2,
+                        (cs.dilation,) * 2, cs.groups)
+
+    def conv_args(self):
+        return list(self.stride), list(self.padding), list(self.dilation), self.groups
+
+    def out_shape(self):
+        p, q = (conv_out_size(size, kk, st, pad, d) for size, kk, st, pad, d in
+                zip((self.h, self.w), (self.r, self.s), self.stride, self.padding, self.dilation))
+        return (self.n, self.k, p, q)
+
+
+def conv_inputs(case: ConvCase, dtype, fmt="nhwc", residual=True, res_fmt=None, device=DEVICE):
+    """``(x, weight, scale, shift, residual or None)``: x in ``fmt``, the residual in
+    ``res_fmt`` (default ``fmt``), weights scaled by 1/sqrt(fan-in), fp32 scale/shift."""
+    x = torch.randn(case.n, case.c, case.h, case.w, device=device).to(dtype)
+    fan_in = case.c // case.groups * case.r * case.s
+    w = (torch.randn(case.k, case.c // case.groups, case.r, case.s, device=device) / fan_in**0.5).to(dtype)
+    scale = torch.rand(case.k, device=device) + 0.5
+    shift = torch.randn(case.k, device=device) * 0.5
+    r = torch.randn(case.out_shape(), device=device).to(dtype) if residual else None
+    x = x.contiguous(memory_format=FORMATS[fmt])
+    if r is not None:
+        r = r.contiguous(memory_format=FORMATS[res_fmt or fmt])
+    return x, w, scale, shift, r

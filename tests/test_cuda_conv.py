@@ -17,15 +17,14 @@ alignment, NaN, batch chunking, errors, autograd and opcheck.
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
-from typing import Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastres import _extension, _layout, ops, reference, shapes
-from conftest import ACTIVATIONS, FORMATS
+from conftest import ACTIVATIONS, FORMATS, conv_inputs
+from conftest import ConvCase as Conv
 
 HAS_GPU = torch.cuda.is_available()
 DEV = "cuda"  # the GPU tests' device
@@ -211,48 +210,8 @@ def _exact_fp32_reference():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@dataclass(frozen=True)
-class Conv:
-    n: int
-    c: int
-    h: int
-    w: int
-    k: int
-    r: int
-    s: int
-    stride: Tuple[int, int] = (1, 1)
-    padding: Tuple[int, int] = (0, 0)
-    dilation: Tuple[int, int] = (1, 1)
-    groups: int = 1
-
-    @staticmethod
-    def of(cs: shapes.ConvShape, batch: int) -> "Conv":
-        pair = lambda v: (v, v)  # noqa: E731
-        return Conv(batch, cs.C, cs.H, cs.W, cs.K, cs.R, cs.S, pair(cs.stride), pair(cs.padding),
-                    pair(cs.dilation), cs.groups)
-
-    def conv_args(self):
-        return list(self.stride), list(self.padding), list(self.dilation), self.groups
-
-    def out_shape(self):
-        p, q = (
-            (size + 2 * pad - d * (kk - 1) - 1) // st + 1
-            for size, kk, st, pad, d in zip((self.h, self.w), (self.r, self.s), self.stride, self.padding, self.dilation)
-        )
-        return (self.n, self.k, p, q)
-
-
 def _inputs(cv: Conv, dtype, fmt="nhwc", residual=True, res_fmt=None):
-    dev = DEV
-    x = torch.randn(cv.n, cv.c, cv.h, cv.w, device=dev).to(dtype).contiguous(memory_format=FORMATS[fmt])
-    fan_in = cv.c // cv.groups * cv.r * cv.s
-    w = (torch.randn(cv.k, cv.c // cv.groups, cv.r, cv.s, device=dev) / fan_in**0.5).to(dtype)
-    scale = torch.rand(cv.k, device=dev) + 0.5
-    shift = torch.randn(cv.k, device=dev) * 0.5
-    r = None
-    if residual:
-        r = torch.randn(cv.out_shape(), device=dev).to(dtype).contiguous(memory_format=FORMATS[res_fmt or fmt])
-    return x, w, scale, shift, r
+    return conv_inputs(cv, dtype, fmt, residual, res_fmt, device=DEV)
 
 
 def _conv_ref(cv: Conv, x, w):

@@ -7,15 +7,12 @@ the autotune key and the config pruner.
 Without a GPU this runs under the Triton interpreter (``conftest.py``), so the
 shapes are tiny: N <= 2, H, W <= 9, C, K <= 64 (the grouped cases) and mostly <= 32.
 """
-from dataclasses import dataclass
-from typing import Tuple
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastres import backends, ops, reference
-from conftest import ACTIVATIONS, DEVICE, FORMATS
+from conftest import ACTIVATIONS, DEVICE, FORMATS, ConvCase, conv_inputs
 
 _REASON = backends.unavailable_reason("triton", DEVICE)
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
@@ -37,32 +34,8 @@ TOL = {
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    n: int
-    c: int
-    h: int
-    w: int
-    k: int
-    r: int
-    s: int
-    stride: Tuple[int, int] = (1, 1)
-    padding: Tuple[int, int] = (0, 0)
-    dilation: Tuple[int, int] = (1, 1)
-    groups: int = 1
-
-    def conv_args(self):
-        return list(self.stride), list(self.padding), list(self.dilation), self.groups
-
-    def out_shape(self):
-        p, q = (
-            (size + 2 * pad - d * (kk - 1) - 1) // st + 1
-            for size, kk, st, pad, d in zip(
-                (self.h, self.w), (self.r, self.s), self.stride, self.padding, self.dilation
-            )
-        )
-        return (self.n, self.k, p, q)
+def Case(name, *geometry, **kw) -> ConvCase:
+    return ConvCase(*geometry, **kw, name=name)
 
 
 # The interpreter's single config has BLOCK_K=16: C/groups a multiple of 16 takes
@@ -104,19 +77,6 @@ def _exact_fp32_and_few_configs():
         conv._conv_bn_act_kernel.configs = configs
 
 
-def _inputs(case, dtype, fmt="nhwc", residual=True, res_fmt=None):
-    x = torch.randn(case.n, case.c, case.h, case.w, device=DEVICE).to(dtype)
-    fan_in = case.c // case.groups * case.r * case.s
-    w = (torch.randn(case.k, case.c // case.groups, case.r, case.s, device=DEVICE) / fan_in**0.5).to(dtype)
-    scale = torch.rand(case.k, device=DEVICE) + 0.5
-    shift = torch.randn(case.k, device=DEVICE) * 0.5
-    r = torch.randn(case.out_shape(), device=DEVICE).to(dtype) if residual else None
-    x = x.contiguous(memory_format=FORMATS[fmt])
-    if r is not None:
-        r = r.contiguous(memory_format=FORMATS[res_fmt or fmt])
-    return x, w, scale, shift, r
-
-
 def _expected(case, x, w, scale, shift, r, act):
     """The reference on the same inputs upcast to fp32, cast once (as the kernel rounds)."""
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -146,7 +106,7 @@ def test_forward_shapes(case, dtype, fmt):
     """Every conv form, dtype and format; the epilogue varies with the case (below, all of it)."""
     i = CASES.index(case)
     act, residual = ACTIVATIONS[i % len(ACTIVATIONS)], (i + len(fmt)) % 2 == 0
-    x, w, scale, shift, r = _inputs(case, dtype, fmt, residual)
+    x, w, scale, shift, r = conv_inputs(case, dtype, fmt, residual)
     _check(_run(case, x, w, scale, shift, r, act), case, x, w, scale, shift, r, act)
 
 
@@ -156,14 +116,14 @@ def test_forward_shapes(case, dtype, fmt):
 @pytest.mark.parametrize("name", ["stem7x7s2p3-c3", "3x3s2p1-k12"])
 def test_forward_epilogue(name, dtype, act, residual):
     case = _BY_NAME[name]
-    x, w, scale, shift, r = _inputs(case, dtype, "nhwc", residual)
+    x, w, scale, shift, r = conv_inputs(case, dtype, "nhwc", residual)
     _check(_run(case, x, w, scale, shift, r, act), case, x, w, scale, shift, r, act)
 
 
 @pytest.mark.parametrize("name", ["3x3s2g4-cg4", "1x1s1-c32k20"])
 def test_forward_fp64(name):
     case = _BY_NAME[name]
-    x, w, scale, shift, r = _inputs(case, torch.float64, "nhwc", True)
+    x, w, scale, shift, r = conv_inputs(case, torch.float64, "nhwc", True)
     _check(_run(case, x, w, scale, shift, r, "silu"), case, x, w, scale, shift, r, "silu")
 
 
@@ -173,7 +133,7 @@ def test_forward_fp64(name):
 )
 def test_output_memory_format_follows_conv2d(x_fmt, w_fmt):
     case = _BY_NAME["3x3s2p1-k12"]
-    x, w, scale, shift, r = _inputs(case, torch.float32, x_fmt, residual=False)
+    x, w, scale, shift, r = conv_inputs(case, torch.float32, x_fmt, residual=False)
     w = w.contiguous(memory_format=FORMATS[w_fmt])
     _check(_run(case, x, w, scale, shift, r, "relu"), case, x, w, scale, shift, r, "relu")
 
@@ -185,7 +145,7 @@ def test_residual_own_strides(fmt, res_layout):
     x (and than the output), or a non-dense view."""
     case = _BY_NAME["3x3s1p1"]
     other = "nchw" if fmt == "nhwc" else "nhwc"
-    x, w, scale, shift, r = _inputs(case, torch.float16, fmt, residual=True, res_fmt=other)
+    x, w, scale, shift, r = conv_inputs(case, torch.float16, fmt, residual=True, res_fmt=other)
     if res_layout == "strided-view":
         n, k, p, q = case.out_shape()
         r = torch.randn(n, k, p, 2 * q, device=DEVICE).to(x.dtype)[..., ::2]
@@ -197,7 +157,7 @@ def test_forced_configs(name):
     """Each of the GPU tile configs (run directly, bypassing the autotuner) gives
     the right answer: BLOCK_K 16/32/64 in both reduction forms, every tile size."""
     case = _BY_NAME[name]
-    x, w, scale, shift, r = _inputs(case, torch.float16, "nhwc", residual=True)
+    x, w, scale, shift, r = conv_inputs(case, torch.float16, "nhwc", residual=True)
     for cfg in conv.GPU_CONFIGS:
         out = conv._conv_bn_act(x, w, scale, shift, r, *case.conv_args(), "relu", config=cfg)
         _check(out, case, x, w, scale, shift, r, "relu")
@@ -216,7 +176,7 @@ def test_reads_nothing_outside_the_tensors(name):
     """x, weight and residual sit between NaNs: a load that the padding, tail or
     group masks should have stopped would put a NaN in the output."""
     case = _BY_NAME[name]
-    x, w, scale, shift, r = _inputs(case, torch.float32, "nhwc", residual=True)
+    x, w, scale, shift, r = conv_inputs(case, torch.float32, "nhwc", residual=True)
     x, w, r = _nan_framed(x), _nan_framed(w), _nan_framed(r)
     assert x.is_contiguous(memory_format=torch.channels_last) and x.storage_offset() > 0
     _check(_run(case, x, w, scale, shift, r, "identity"), case, x, w, scale, shift, r, "identity")
@@ -224,7 +184,7 @@ def test_reads_nothing_outside_the_tensors(name):
 
 def test_empty_batch():
     case = _BY_NAME["3x3s2p1-k12"]
-    x, w, scale, shift, r = _inputs(case, torch.float16, "nhwc", residual=False)
+    x, w, scale, shift, r = conv_inputs(case, torch.float16, "nhwc", residual=False)
     out = _run(case, x[:0], w, scale, shift, None, "relu")
     assert out.shape == (0, *case.out_shape()[1:]) and out.dtype == x.dtype
 
@@ -241,7 +201,7 @@ def _grads(fn, inputs, grad_out):
 def test_backward(name, act):
     """Gradients of x, weight, scale, shift and residual against autograd through the reference."""
     case = _BY_NAME[name]
-    x, w, scale, shift, r = _inputs(case, torch.float32, "nhwc", residual=True)
+    x, w, scale, shift, r = conv_inputs(case, torch.float32, "nhwc", residual=True)
     g = torch.randn(case.out_shape(), device=DEVICE)
     out, grads = _grads(lambda *a: _run(case, *a, act), [x, w, scale, shift, r], g)
     ref, ref_grads = _grads(
@@ -255,7 +215,7 @@ def test_backward(name, act):
 def test_gradcheck_fp64():
     case = Case("tiny", 1, 2, 3, 3, 2, 2, 2, padding=(1, 1))
     x, w, scale, shift, r = (
-        t.detach().double().requires_grad_() for t in _inputs(case, torch.float64, "nhwc", residual=True)
+        t.detach().double().requires_grad_() for t in conv_inputs(case, torch.float64, "nhwc", residual=True)
     )
     assert torch.autograd.gradcheck(lambda *a: _run(case, *a, "silu"), (x, w, scale, shift, r))
 
@@ -264,7 +224,7 @@ def test_gradcheck_fp64():
 @pytest.mark.parametrize("name", ["3x3s2g4-cg4", "1x1s1-c8"])
 def test_opcheck(name, requires_grad):
     case = _BY_NAME[name]
-    x, w, scale, shift, r = _inputs(case, torch.float32, "nhwc", residual=True)
+    x, w, scale, shift, r = conv_inputs(case, torch.float32, "nhwc", residual=True)
     for t in (x, w, scale, shift, r):
         t.requires_grad_(requires_grad)
     op = torch.ops.fastres.conv_bn_act_triton
@@ -273,7 +233,7 @@ def test_opcheck(name, requires_grad):
 
 
 def _key(case, dtype=torch.float16):
-    x, w, scale, shift, r = _inputs(case, dtype, "nhwc", residual=True)
+    x, w, scale, shift, r = conv_inputs(case, dtype, "nhwc", residual=True)
     _, args = conv._prepare(x, w, scale, shift, r, *case.conv_args(), "relu")
     return tuple(args[k] for k in conv._conv_bn_act_kernel.keys)
 
@@ -289,7 +249,7 @@ def test_autotune_key_buckets_the_batch():
 
 
 def _pruned(case, dtype):
-    x, w, scale, shift, r = _inputs(case, dtype, "nhwc", residual=False)
+    x, w, scale, shift, r = conv_inputs(case, dtype, "nhwc", residual=False)
     _, args = conv._prepare(x, w, scale, shift, r, *case.conv_args(), "relu")
     return args, conv.prune_configs(conv.GPU_CONFIGS, args)
 
