@@ -34,8 +34,16 @@ def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def conv_out_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``F.conv2d(x, weight)`` returns channels_last: when either operand is."""
-    return is_channels_last(x) or is_channels_last(weight)
+    """Whether ``F.conv2d(x, weight)`` returns channels_last: when either operand is.
+
+    "Is" in PyTorch's sense (``cudnn_conv_suggest_memory_format``, and the CPU
+    backends alike): ``suggest_memory_format``, which also calls channels_last
+    a tensor that is both NCHW- and NHWC-contiguous but has NHWC strides, such
+    as a channels_last 1x1 weight ``(K, C, 1, 1)`` or a C == 1 input; the
+    output of such a conv is channels_last (csrc/cuda/conv_bn_act.cu follows
+    the same rule).
+    """
+    return suggest_memory_format(x) == torch.channels_last or suggest_memory_format(weight) == torch.channels_last
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

@@ -94,6 +94,11 @@ def _check_conv_bn_act(op: str, x, weight, scale, shift, residual, stride, paddi
             f"{op}: expected `weight` of shape (K, C/groups, R, S) with K divisible by groups={groups} "
             f"and C/groups = {x.shape[1]}/{groups}; got weight {tuple(weight.shape)} for x {tuple(x.shape)}"
         )
+    if min(x.shape[1:]) < 1 or min(weight.shape) < 1:  # F.conv2d refuses these too
+        raise ValueError(
+            f"{op}: expected `x` with non-zero C, H, W and a non-empty `weight`, got x {tuple(x.shape)} "
+            f"and weight {tuple(weight.shape)}"
+        )
     out = _conv_out_shape(x, weight, stride, padding, dilation)
     if out[2] < 1 or out[3] < 1:
         raise ValueError(

@@ -72,6 +72,7 @@ def test_default_backend_on_cpu_is_torch():
     (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3), torch.ones(8), torch.ones(8), stride=0), "stride >= 1"),
     (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3), torch.ones(8), torch.ones(8), padding=(1, 2, 3)), "`padding` to be an int or a pair"),
     (lambda: ops.conv_bn_act(torch.ones(1, 4, 2, 2), torch.ones(8, 4, 3, 3), torch.ones(8), torch.ones(8)), "output would be empty"),
+    (lambda: ops.conv_bn_act(torch.ones(1, 4, 0, 5), torch.ones(8, 4, 1, 1), torch.ones(8), torch.ones(8), padding=1), "non-zero C, H, W"),
     (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3), torch.ones(8), torch.ones(8), torch.ones(1, 8, 5, 5)), r"`residual` of the output's shape \(1, 8, 3, 3\)"),
     (lambda: ops.conv_bn_act(torch.ones(1, 4, 5, 5), torch.ones(8, 4, 3, 3, dtype=torch.float64), torch.ones(8), torch.ones(8)), "`weight` to have the dtype of `x`"),
 ])
@@ -183,3 +184,21 @@ def test_conv_bn_act_cpu_onednn_path_not_taken_for_training(monkeypatch):
     assert w.grad is not None
     with torch.no_grad():  # fp16 is never folded into low-precision weights
         ops.conv_bn_act(x.half(), w.half(), torch.ones(3), torch.zeros(3), backend="torch")
+
+
+@pytest.mark.parametrize("x_shape, w_shape, x_cl, w_cl", [
+    ((2, 1, 5, 5), (4, 1, 3, 3), True, False),   # C == 1: both layouts at once, NHWC strides
+    ((2, 4, 5, 5), (8, 4, 1, 1), False, True),   # 1x1 weight: both layouts at once, NHWC strides
+    ((2, 4, 5, 5), (8, 4, 3, 3), True, False),
+    ((2, 4, 5, 5), (8, 4, 3, 3), False, True),
+    ((2, 4, 5, 5), (8, 4, 3, 3), False, False),
+])
+def test_conv_output_memory_format_rule_is_f_conv2d(x_shape, w_shape, x_cl, w_cl):
+    """The layout rule every conv_bn_act kernel and the fake kernel use gives F.conv2d's format."""
+    cl = torch.channels_last
+    x = torch.randn(x_shape).contiguous(memory_format=cl if x_cl else torch.contiguous_format)
+    w = torch.randn(w_shape).contiguous(memory_format=cl if w_cl else torch.contiguous_format)
+    y = F.conv2d(x, w)
+    assert fastres._layout.conv_out_channels_last(x, w) == (not y.is_contiguous())  # y's shape is unambiguous
+    fake = ops._conv_bn_act_fake(x, w, torch.ones(w_shape[0]), torch.zeros(w_shape[0]), None, [1, 1], [0, 0], [1, 1], 1, "relu")
+    assert fake.stride() == y.stride()

@@ -348,6 +348,11 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                     ": expected `weight` of shape (K, C/groups, R, S) with K divisible by groups=", groups,
                     " and C/groups = ", C, "/", groups, "; got weight ", weight_in.sizes(), " for x ",
                     x_in.sizes());
+  // F.conv2d refuses an empty image in a non-empty batch ("Only zero batch or
+  // zero channel inputs are supported"); here it would also divide by zero in
+  // the batch chunking below (image_in == 0).
+  TORCH_CHECK_VALUE(N == 0 || (H > 0 && W > 0), kOp, ": expected `x` with a non-empty image (H, W > 0) or an "
+                    "empty batch, got ", x_in.sizes());
   const int64_t P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) / stride[0] + 1;
   const int64_t Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) / stride[1] + 1;
   TORCH_CHECK_VALUE(P >= 1 && Q >= 1, kOp, ": the convolution output would be empty (", P, "x", Q, "): input ",
@@ -374,8 +379,13 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                       "] and dtype ", dtype_name(dtype), " on ", x_in.device(), ", got ", describe(r));
   }
 
-  // The output, in F.conv2d's memory format.
-  const bool out_channels_last = is_channels_last(x_in) || is_channels_last(weight_in);
+  // The output, in F.conv2d's memory format: cuDNN's rule
+  // (cudnn_conv_suggest_memory_format) is channels_last when x's or weight's
+  // suggest_memory_format() is, which also holds for tensors that are both
+  // NCHW- and NHWC-contiguous but were made channels_last (a 1x1 weight
+  // (K, C, 1, 1), a C == 1 input); fastres/_layout.py conv_out_channels_last.
+  const bool out_channels_last = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                                 weight_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const auto out_format = out_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   if (N == 0 || K == 0) {
     return at::empty({N, K, P, Q}, x_in.options().memory_format(out_format));
@@ -417,6 +427,17 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                               " bytes) and one output image (", image_out,
                               " bytes) must each stay below 2^31 bytes (CUTLASS's 32-bit tensor offsets); "
                               "backend='triton' or backend='torch' runs it");
+  // CUTLASS's iterators compute input rows/columns h = p*stride - pad + r*dilation
+  // in int32 (ConvProblem holds ints); p*stride + r*dilation <= H + 2*pad - 1 for
+  // every output/filter position r < R, so these bounds keep all of it exact
+  // (the stem's positions past the window are bounds-checked on the final h
+  // and meet zero weights, see docs/cuda_conv.md).
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_NOT_IMPLEMENTED(H + 2 * padding[0] <= kInt32Max && W + 2 * padding[1] <= kInt32Max &&
+                                  std::max({stride[0], stride[1], dilation[0], dilation[1]}) <= kInt32Max,
+                              kOp, ": padding ", c10::IntArrayRef(padding), ", stride ", c10::IntArrayRef(stride),
+                              " and dilation ", c10::IntArrayRef(dilation),
+                              " overflow the kernels' 32-bit coordinates; backend='triton' or backend='torch' runs it");
   const int64_t chunk = std::max<int64_t>(1, std::min({N, kMaxTensorBytes / image_in, kMaxTensorBytes / image_out}));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
