@@ -2,11 +2,18 @@
 ``fastres.reference.conv_bn_act``: every conv form of the ResNet family at tiny
 sizes, each dtype and memory format, the epilogue variants, memory formats of
 the output and the residual, the backward, opcheck, the forced tile configs,
-the autotune key and the config pruner.
+the autotune key and the config pruner (shared memory and register budgets).
 
 Without a GPU this runs under the Triton interpreter (``conftest.py``), so the
 shapes are tiny: N <= 2, H, W <= 9, C, K <= 64 (the grouped cases) and mostly <= 32.
+The interpreter accepts what the real compiler may reject: ``test_compiles_for_sm90``
+also builds representative specializations with the real compiler for sm_90.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,8 +255,8 @@ def test_autotune_key_buckets_the_batch():
     assert not {"M", "N", "H", "W", "P", "Q"} & set(conv._conv_bn_act_kernel.keys)
 
 
-def _pruned(case, dtype):
-    x, w, scale, shift, r = conv_inputs(case, dtype, "nhwc", residual=False)
+def _pruned(case, dtype, fmt="nhwc", residual=False):
+    x, w, scale, shift, r = conv_inputs(case, dtype, fmt, residual)
     _, args = conv._prepare(x, w, scale, shift, r, *case.conv_args(), "relu")
     return args, conv.prune_configs(conv.GPU_CONFIGS, args)
 
@@ -272,7 +279,8 @@ def test_pruner(case, dtype):
     smem = conv._smem_limit(torch.device(DEVICE))
     for cfg in kept:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        assert (bm * bk + bk * bn) * elem * cfg.num_stages <= smem
+        assert (bm * bk + bk * bn) * elem * cfg.num_stages == conv.smem_bytes(cfg, elem) <= smem
+        assert conv.fits_registers(cfg, args)
         assert bn <= max(16, conv._next_pow2(args["KG"]))
         assert bm <= max(16, 1 << args["M_BUCKET"])
         if conv._is_flat(args["CG"], bk):
@@ -281,6 +289,56 @@ def test_pruner(case, dtype):
         assert {cfg.kwargs["BLOCK_N"] for cfg in kept} == {16}
     if case.name == "wide" and dtype == torch.float16:
         assert len(kept) > 5, "big GEMMs keep most of the configs"
+
+
+def _acc_per_thread(cfg):
+    return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
+
+
+@pytest.mark.parametrize(
+    "dtype,fmt,residual,most",
+    [
+        (torch.float16, "nhwc", False, 128),
+        (torch.float16, "nhwc", True, 128),  # a vectorized NHWC residual: the big tiles stay
+        (torch.float16, "nchw", True, 64),  # scalar residual loads into an NCHW tile: they spill
+        (torch.float32, "nhwc", False, 32),  # exact fp32 (the fixture turns TF32 off): FMA units
+        (torch.float64, "nhwc", False, 16),
+    ],
+    ids=str,
+)
+def test_pruner_register_budget(dtype, fmt, residual, most):
+    """The largest accumulator (elements per thread) the pruner keeps for a big GEMM
+    in each specialization: the ones above spill on sm_90 (scripts/triton_compile_check.py)."""
+    _, kept = _pruned(Case("wide", 8, 256, 14, 14, 1024, 1, 1), dtype, fmt, residual)
+    assert max(map(_acc_per_thread, kept)) == most
+
+
+def test_pruner_flat_reduction_register_budget():
+    """The flat reduction decodes (r, s, c) per A element: 128x64x64 on 4 warps spills
+    there (the stem's C=3), not in the channel-tiled form (C=64)."""
+    def tiles(c):
+        _, kept = _pruned(Case("k", 8, c, 33, 33, 64, 7, 7, (2, 2), (3, 3)), torch.float16)
+        return {(k.kwargs["BLOCK_M"], k.kwargs["BLOCK_N"], k.kwargs["BLOCK_K"]) for k in kept}
+
+    assert (128, 64, 64) not in tiles(3)
+    assert (128, 64, 64) in tiles(64)
+
+
+def test_compiles_for_sm90():
+    """The real Triton compiler and ptxas, not the interpreter, build representative
+    specializations for sm_90 with no GPU (scripts/triton_compile_check.py --quick):
+    each compiles, fits the pruner's shared memory estimate, runs its reduction on
+    tensor cores where it should, and does not spill. In a subprocess: this one has
+    TRITON_INTERPRET=1, under which the kernel is an InterpretedFunction and conv.py
+    has its interpreter configs. Skipped where this Triton cannot compile for CUDA."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "triton_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"], env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_input_precision_follows_cudnn_tf32_flag():

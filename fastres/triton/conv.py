@@ -22,8 +22,11 @@ over contiguous channels. ``x`` is made channels_last on the host (free if it
 already is; a contiguous NCHW ``x`` costs one extra read and write of ``x``).
 ``weight`` is permuted once to [K, R, S, C/groups] (small). The output is
 allocated in the memory format ``F.conv2d`` gives and stored through its
-strides, so an NCHW output costs no extra pass (its stores are just less
-vectorized). ``residual`` is read through its own strides, any layout.
+strides, so an NCHW output costs no extra pass: the epilogue
+(``OUT_NHWC=False``) then works on the transposed [channel, pixel] tile, so
+that neighbouring threads store neighbouring pixels (scalar but coalesced
+stores). ``residual`` is read through its own strides, any layout, in the
+output's orientation.
 
 Reduction loop, two forms (``FLAT_K``, chosen per config by a heuristic):
 
@@ -100,7 +103,7 @@ CONFIGS = INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS
 # autotuner adds the dtypes of the tensor arguments itself.
 TUNE_KEY = [
     "C", "KG", "GROUPS", "R", "S", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W",
-    "M_BUCKET", "HAS_RES", "INPUT_PRECISION",
+    "M_BUCKET", "HAS_RES", "OUT_NHWC", "INPUT_PRECISION",
 ]
 
 _SMEM_FALLBACK = 232448  # an H100's opt-in shared memory per block, for non-CUDA pruning
@@ -121,10 +124,53 @@ def _is_flat(cg: int, block_k: int) -> bool:
     return cg % block_k != 0
 
 
+def smem_bytes(cfg, elem: int) -> int:
+    """The pruner's bound on the shared memory of ``cfg`` for ``elem``-byte inputs:
+    ``num_stages`` buffers of an A and a B tile. On sm_90 the compiled kernel uses
+    exactly this on the pipelined tensor-core paths and less elsewhere (checked by
+    ``scripts/triton_compile_check.py``); the epilogue reuses the buffers."""
+    k = cfg.kwargs
+    return (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem * cfg.num_stages
+
+
+def fits_registers(cfg, args) -> bool:
+    """Whether ``cfg``'s per-thread working set fits a thread's 255 registers for
+    this specialization, i.e. ptxas (sm_90) spills little or nothing. Measured
+    with ``scripts/triton_compile_check.py --full``; ``acc`` is the accumulator
+    elements per thread:
+
+    * fp64 (gradcheck only): two registers per element, acc <= 16;
+    * exact fp32 (``ieee``) runs on FMA units, with its operands in registers
+      too: acc <= 32; TF32: acc <= 64;
+    * a residual read into an NCHW output tile costs one register per element
+      (scalar loads): acc <= 64 (an NHWC residual is read vectorized and packed;
+      128 spills a few hundred bytes there, once per tile, kept for the big GEMMs);
+    * the flat reduction decodes (r, s, c) and a padding mask per element of the
+      A tile: A elements per thread <= 32 and acc + A <= 96.
+    """
+    k = cfg.kwargs
+    threads = 32 * cfg.num_warps
+    acc = k["BLOCK_M"] * k["BLOCK_N"] // threads
+    elem = args["x_ptr"].element_size()
+    if args["IS_FP64"]:
+        limit = 16
+    elif elem == 4:
+        limit = 32 if args["INPUT_PRECISION"] == "ieee" else 64
+    elif args["HAS_RES"] and not args["OUT_NHWC"]:
+        limit = 64
+    else:
+        limit = 128
+    a_elems = k["BLOCK_M"] * k["BLOCK_K"] // threads
+    if _is_flat(args["CG"], k["BLOCK_K"]) and (a_elems > 32 or acc + a_elems > 96):
+        return False
+    return acc <= limit
+
+
 def prune_configs(configs, named_args, **kwargs):
     """Drop the configs that cannot fit or cannot help for this conv.
 
-    * shared memory: ``num_stages`` buffers of an A and a B tile must fit;
+    * shared memory: ``num_stages`` buffers of an A and a B tile must fit (``smem_bytes``);
+    * registers: the tile must not spill much for this specialization (``fits_registers``);
     * ``BLOCK_N`` above the output channels per group (rounded up to a power
       of two, at least 16) only multiplies zeros;
     * ``BLOCK_K`` above the reduction length (flat form) or the channels per
@@ -143,7 +189,7 @@ def prune_configs(configs, named_args, **kwargs):
     kept = []
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        if (bm * bk + bk * bn) * elem * cfg.num_stages > limit:
+        if smem_bytes(cfg, elem) > limit or not fits_registers(cfg, args):
             continue
         if bn > max_n or bm > max_m:
             continue
@@ -168,7 +214,7 @@ def _conv_bn_act_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    IS_1X1: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    IS_1X1: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, OUT_NHWC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLAT_K: tl.constexpr,
@@ -265,15 +311,28 @@ def _conv_bn_act_kernel(
     scale = tl.load(scale_ptr + offs_k, mask=n_ok, other=0.0).to(acc.dtype)
     shift = tl.load(shift_ptr + offs_k, mask=n_ok, other=0.0).to(acc.dtype)
     z = acc * scale[None, :] + shift[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    n64 = n.to(tl.int64)
+    m_row = n.to(tl.int64) * son + p.to(tl.int64) * sop + q.to(tl.int64) * soq  # output pixel offsets
     k64 = offs_k.to(tl.int64)
     if HAS_RES:
-        r_off = (n64 * srn + p.to(tl.int64) * srp + q.to(tl.int64) * srq)[:, None] + (k64 * srk)[None, :]
-        z += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(acc.dtype)
-    z = apply_act(z, ACT)
-    o_off = (n64 * son + p.to(tl.int64) * sop + q.to(tl.int64) * soq)[:, None] + (k64 * sok)[None, :]
-    tl.store(out_ptr + o_off, z.to(out_ptr.dtype.element_ty), mask=mask)
+        r_row = n.to(tl.int64) * srn + p.to(tl.int64) * srp + q.to(tl.int64) * srq
+    if OUT_NHWC:
+        # [pixel, channel] tile, channels contiguous: vectorized along BLOCK_N.
+        mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            z += tl.load(res_ptr + r_row[:, None] + (k64 * srk)[None, :], mask=mask, other=0.0).to(acc.dtype)
+        z = apply_act(z, ACT)
+        tl.store(out_ptr + m_row[:, None] + (k64 * sok)[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # NCHW output: the transposed [channel, pixel] tile, so that neighbouring
+        # threads hold neighbouring pixels (coalesced stores along q). In the
+        # [pixel, channel] form the compiler gives each thread a column of
+        # BLOCK_M pixels with BLOCK_M 64-bit addresses live at once (spills).
+        zt = tl.trans(z)
+        mask_t = n_ok[:, None] & m_ok[None, :]
+        if HAS_RES:
+            zt += tl.load(res_ptr + (k64 * srk)[:, None] + r_row[None, :], mask=mask_t, other=0.0).to(acc.dtype)
+        zt = apply_act(zt, ACT)
+        tl.store(out_ptr + (k64 * sok)[:, None] + m_row[None, :], zt.to(out_ptr.dtype.element_ty), mask=mask_t)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -319,6 +378,7 @@ def _prepare(x, weight, scale, shift, residual, stride, padding, dilation, group
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1],
         IS_1X1=is_1x1, HAS_RES=residual is not None, ACT=ACT_CODES[activation],
+        OUT_NHWC=fmt == torch.channels_last,
         INPUT_PRECISION=_input_precision(x.dtype),
         UPCAST=DOT_UPCAST_BF16 and x.dtype == torch.bfloat16,
         IS_FP64=x.dtype == torch.float64,
