@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 ACTIVATIONS = ("relu", "silu", "identity")
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "cudnn")
 # float64 is accepted everywhere so that gradcheck can run on every backend.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = "float32, float16, bfloat16 (or float64)"

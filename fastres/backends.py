@@ -3,9 +3,12 @@
 * ``"torch"``: the plain PyTorch reference (``fastres.reference``), any device.
 * ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 * ``"cuda"``: the compiled CUDA C++ kernels of ``fastres._C``; CUDA tensors.
+* ``"cudnn"``: ``conv_bn_act`` only: cuDNN's fused convolution with the BN
+  folded in (``fastres._cudnn``); CUDA tensors with cuDNN enabled.
 
 ``backend=None`` picks the first usable backend of the op's preference order
-for the tensors' device (on CPU that is always ``"torch"``).
+for the tensors' device (on CPU that is always ``"torch"``); on CUDA,
+``conv_bn_act`` chooses per shape instead (``fastres.tune``).
 """
 from __future__ import annotations
 
@@ -14,10 +17,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastres import _extension
+from fastres import _cudnn, _extension
 from fastres._checks import BACKENDS, check_backend_name
 
-_GPU_PREFERENCE = ("cuda", "triton", "torch")
+_GPU_PREFERENCE = ("cuda", "triton", "cudnn", "torch")
 
 
 def _triton_status() -> Tuple[Optional[str], Optional[str]]:
@@ -56,6 +59,8 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
         return None
+    if backend == "cudnn":
+        return _cudnn.unavailable_reason(device)
     raise AssertionError(backend)
 
 
