@@ -16,7 +16,12 @@ op                                          computes
 ``bn_act_{triton,cuda}``                    ``act(x * scale[c] + shift[c] (+ residual))``
 ``bn_act_backward_{triton,cuda}``           ``(grad_x, grad_z, grad_scale, grad_shift)``
 ``conv_bn_act_{triton,cuda}``               ``act(conv2d(x, w) * scale[k] + shift[k] (+ r))``
+``conv_bias_relu_cudnn``                    ``relu(conv2d(x, w') + b'[k] (+ r))``, BN folded
 ==========================================  ===========================================
+
+The ``"cudnn"`` backend of ``conv_bn_act`` is ``fastres._cudnn.conv_bn_act``:
+cuDNN's fused conv (the op above, with its own fake kernel and autograd) where
+cuDNN fuses the epilogue, else PyTorch's conv followed by ``bn_act``.
 
 The Triton ops are defined next to their kernels (``fastres/triton/``); the
 CUDA ops' schemas are in ``csrc/bindings.cpp``. Both backends of an op share
@@ -29,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastres import _extension, _layout, _onednn, backends, reference
+from fastres import _cudnn, _layout, _onednn, _tune, backends, reference
 from fastres._checks import (
     check_activation,
     check_channel_vector,
@@ -269,18 +274,17 @@ _OPS = {
 }
 
 
+_OPS["conv_bn_act"]["cudnn"] = _cudnn.conv_bn_act  # a Python function around the fused cuDNN op
+
+
 def implemented_backends(op: str) -> List[str]:
     """The backends this build implements for ``op`` ("torch" always)."""
     return ["torch", *_OPS[op]]
 
 
-def _run(op: str, backend: Optional[str], device: torch.device, exclude: Sequence[str] = ()):
-    """Resolve the backend; returns the custom op to call, or None for the reference.
-
-    ``exclude``: backends that cannot run this call's shapes, skipped by ``backend=None``.
-    """
-    implemented = [b for b in implemented_backends(op) if backend is not None or b not in exclude]
-    chosen = backends.resolve(f"fastres.ops.{op}", backend, device, implemented)
+def _run(op: str, backend: Optional[str], device: torch.device):
+    """Resolve the backend; returns the kernel to call, or None for the reference."""
+    chosen = backends.resolve(f"fastres.ops.{op}", backend, device, implemented_backends(op))
     return None if chosen == "torch" else _OPS[op][chosen]
 
 
@@ -348,20 +352,34 @@ def conv_bn_act(
 
     The ``"torch"`` backend runs fp32 CPU inference (no gradient needed)
     through oneDNN's fused convolution (``fastres._onednn``), else the reference.
+    The ``"cudnn"`` backend folds the BN into the weight (``fastres._cudnn``).
+    ``backend=None`` on CUDA chooses per shape, measuring on first use
+    (``fastres.tune``); elsewhere it is ``"torch"``.
     """
     stride, padding, dilation = _check_conv_bn_act(
         "fastres.ops.conv_bn_act", x, weight, scale, shift, residual, stride, padding, dilation, groups, activation
     )
-    # The cuda kernels cover most but not all convs (docs/cuda_conv.md); the
-    # best-available choice skips them for the rest, an explicit "cuda" raises.
-    exclude = ()
-    if backend is None and x.is_cuda and _extension.cuda_conv_unsupported_reason(x, weight, groups) is not None:
-        exclude = ("cuda",)
-    fn = _run("conv_bn_act", backend, x.device, exclude)
+    args = (x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), groups, activation)
+    if backend is None and x.device.type in _tune.TUNED_DEVICE_TYPES:
+        # Per shape, the fastest of the usable candidates, measured on first use (fastres.tune);
+        # the cuda kernels' shape rules (docs/cuda_conv.md) are among the usability checks.
+        backend = _tune.conv_backend(
+            x, weight, residual, stride, padding, dilation, groups, activation,
+            implemented_backends("conv_bn_act"), lambda name: _conv_bn_act_with(name, args),
+        )
+    return _conv_bn_act_with(backend, args)
+
+
+def _conv_bn_act_with(backend: Optional[str], args) -> Tensor:
+    """Run validated ``conv_bn_act`` arguments on ``backend`` (a backend name, None or ``"stock"``)."""
+    if backend == "stock":
+        return _cudnn.conv_then_bn_act(*args)
+    x, weight, scale, shift, residual, activation = args[0], args[1], args[2], args[3], args[4], args[-1]
+    fn = _run("conv_bn_act", backend, x.device)
     if fn is None:
         impl = _onednn.conv_bn_act if _onednn.applies(x, weight, scale, shift, residual, activation) else reference.conv_bn_act
-        return impl(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation)
-    return fn(x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), groups, activation)
+        return impl(*args)
+    return fn(*args)
 
 
 def bn_scale_shift(bn: torch.nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:

@@ -1,0 +1,424 @@
+"""Per-shape backend choice for ``fastres.ops.conv_bn_act(backend=None)`` on CUDA.
+
+The candidates are the fused kernels ``"cuda"`` and ``"triton"``, ``"cudnn"``
+(cuDNN's fused convolution with the BN folded in, ``fastres._cudnn``; only for
+the epilogues cuDNN fuses) and ``"stock"`` (PyTorch's convolution, then the
+fused ``bn_act`` kernel). The first call of a shape times every usable
+candidate on its own inputs (each candidate's first call, which includes
+Triton's autotuning and cuDNN's algorithm search, and then the median of a few
+steady-state calls) and runs the fastest from then on. Choices are remembered
+per key
+
+    (device name, dtype, layout, conv geometry, batch bucket, epilogue)
+
+in memory and in a JSON file (:func:`cache_path`) written for the exact library
+versions (torch, CUDA, cuDNN, triton, fastres, the NVIDIA driver): a file
+written by other versions is ignored and replaced, so new versions re-measure.
+
+* ``FASTRES_AUTOTUNE=0``: nothing is measured; known choices (memory, file)
+  still apply, else the static rule :data:`STATIC_ORDER` (the first usable).
+* ``FASTRES_TUNE_CACHE``: the file's path (default
+  ``$XDG_CACHE_HOME/fastres/tune.json``, ``~/.cache`` without it).
+* ``FASTRES_TUNE_BUDGET_S`` (default 10): the bound on a first call. Candidates
+  are timed in :data:`MEASURE_ORDER`; once the time spent on a key exceeds the
+  budget, the rest are not tried, so a first call lasts at most the budget
+  plus one candidate's measurement.
+* ``fastres.set_backend(model, name)`` / ``backend=name`` bypass all of this.
+* ``torch.compile`` (and ``torch.export``), ``torch.jit.trace`` and CUDA-graph
+  capture never measure: they use a known choice, else the static rule. Under
+  ``torch.compile`` the choice is a constant of the trace (no graph break).
+* Several processes (DDP ranks) each measure and may choose differently; all
+  candidates compute the same function, so outputs differ across ranks only by
+  the kernels' rounding (and, for ``"cudnn"``, the folding's, docs/cuda_conv.md);
+  nothing requires bitwise-equal activations across ranks. Pointing all ranks
+  at one measured file (``FASTRES_TUNE_CACHE``) makes them agree.
+
+``python -m fastres.tune --show`` prints the file's table with the measured
+times per candidate; ``--clear`` deletes it. The public names are re-exported
+by ``fastres.tune`` (which the package does not import, so that ``python -m
+fastres.tune`` runs it once).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastres import _cudnn, _extension, _layout, backends
+
+CANDIDATES = ("cuda", "triton", "cudnn", "stock")
+# Without a measurement: cuDNN's fused conv first (the stock model's own conv with the BN and
+# activation passes fused away, so never slower than stock), then the fused kernels, then stock.
+STATIC_ORDER = ("cudnn", "cuda", "triton", "stock")
+# Measuring: the candidates with a cheap first call first, Triton (autotuning) last.
+MEASURE_ORDER = ("cudnn", "stock", "cuda", "triton")
+# Device types whose backend=None choice is measured (the tests add "cpu").
+TUNED_DEVICE_TYPES = ("cuda",)
+FORMAT, VERSION = "fastres-tune", 1
+REPS = 5  # steady-state calls timed per candidate
+
+_LOCK = threading.Lock()  # guards _TABLE and _STATE
+_MEASURE_LOCK = threading.Lock()  # one key measured at a time
+_TABLE: Dict[str, dict] = {}  # key string -> entry, for this process's library versions
+_STATE = {"loaded": False, "writable": True}
+
+
+# ----------------------------------------------------------------------------
+# Settings and environment
+# ----------------------------------------------------------------------------
+
+
+def cache_path() -> pathlib.Path:
+    """The JSON file of measured choices (``FASTRES_TUNE_CACHE`` overrides the default)."""
+    override = os.environ.get("FASTRES_TUNE_CACHE")
+    if override:
+        return pathlib.Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "fastres" / "tune.json"
+
+
+def autotune_enabled() -> bool:
+    """False when ``FASTRES_AUTOTUNE=0``: no measuring, known choices or the static rule."""
+    return os.environ.get("FASTRES_AUTOTUNE", "1") != "0"
+
+
+def budget_ms() -> float:
+    return 1000.0 * float(os.environ.get("FASTRES_TUNE_BUDGET_S", "10"))
+
+
+def _driver_version() -> Optional[str]:
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def versions() -> Dict[str, Optional[str]]:
+    """The library versions a measured table is valid for."""
+    import fastres
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None if cudnn is None else str(cudnn),
+        "triton": backends.TRITON_VERSION, "fastres": fastres.__version__, "driver": _driver_version(),
+    }
+
+
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def device_name(device_type: str, index: int) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name(index)
+    return device_type
+
+
+# ----------------------------------------------------------------------------
+# Keys and candidates
+# ----------------------------------------------------------------------------
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def batch_bucket(n: int) -> int:
+    """The power of two >= ``n``: batch sizes in one bucket share a choice."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def conv_key(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], stride: Sequence[int],
+             padding: Sequence[int], dilation: Sequence[int], groups: int, activation: str) -> str:
+    """``device|dtype|layout|geometry|batch bucket|epilogue`` of one ``conv_bn_act`` call."""
+    index = x.device.index if x.device.index is not None else (
+        torch.cuda.current_device() if x.device.type == "cuda" else 0)
+    layout = "nhwc" if _layout.conv_out_channels_last(x, weight) else "nchw"
+    _, c, h, w = (int(v) for v in x.shape)
+    k, _, r, s = (int(v) for v in weight.shape)
+    geometry = (f"c{c}h{h}w{w}-k{k}r{r}s{s}-s{stride[0]},{stride[1]}-p{padding[0]},{padding[1]}"
+                f"-d{dilation[0]},{dilation[1]}-g{groups}")
+    epilogue = activation + ("+res" if residual is not None else "")
+    return "|".join((device_name(x.device.type, index), _DTYPES[x.dtype], layout, geometry,
+                     f"n{batch_bucket(x.shape[0])}", epilogue))
+
+
+def candidates(x: torch.Tensor, weight: torch.Tensor, groups: int, activation: str,
+               implemented: Sequence[str]) -> Tuple[str, ...]:
+    """The usable candidates for this call, in :data:`MEASURE_ORDER`."""
+    available = _available(str(x.device), tuple(implemented))
+    out = []
+    for name in MEASURE_ORDER:
+        if name == "stock":
+            out.append(name)
+        elif name in available:
+            if name == "cudnn" and not _cudnn.fused_form(x.dtype, activation):
+                continue  # without a fused form the cudnn backend *is* the stock candidate
+            if name == "cuda" and _extension.cuda_conv_unsupported_reason(x, weight, groups) is not None:
+                continue
+            out.append(name)
+    return tuple(out)
+
+
+@torch.compiler.assume_constant_result  # a constant of the trace under torch.compile
+def _available(device: str, implemented: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The backends among ``implemented`` that can run on ``device`` (any shape)."""
+    dev = torch.device(device)
+    return tuple(b for b in implemented if backends.unavailable_reason(b, dev) is None)
+
+
+def static_choice(usable: Sequence[str]) -> str:
+    """The static rule: the first of :data:`STATIC_ORDER` among ``usable``."""
+    return next(b for b in STATIC_ORDER if b in usable)
+
+
+# ----------------------------------------------------------------------------
+# The table: memory and file
+# ----------------------------------------------------------------------------
+
+
+def _valid_entry(e) -> bool:
+    return (isinstance(e, dict) and e.get("choice") in CANDIDATES and isinstance(e.get("ms"), dict)
+            and all(k in CANDIDATES and isinstance(v, (int, float)) for k, v in e["ms"].items()))
+
+
+def _read_file() -> Optional[dict]:
+    """The file's entries for these versions ({} when absent or written by other versions), or
+    None (with a warning) when it is not a readable fastres tune file: then it is never written."""
+    path = cache_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        warnings.warn(f"fastres.tune: cannot read {path} ({e}); choices are kept in memory only", stacklevel=3)
+        return None
+    try:
+        data = json.loads(text)
+        ok = (isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") == VERSION
+              and isinstance(data.get("versions"), dict) and isinstance(data.get("entries"), dict)
+              and all(isinstance(k, str) and _valid_entry(e) for k, e in data["entries"].items()))
+    except ValueError:
+        ok = False
+    if not ok:
+        warnings.warn(
+            f"fastres.tune: ignoring {path}: not a fastres tune file (corrupt or foreign); it is left "
+            "untouched and choices are kept in memory only (delete it, or set FASTRES_TUNE_CACHE)",
+            stacklevel=3)
+        return None
+    if data["versions"] != versions():
+        return {}  # written by other library versions: re-measure, then replace it
+    return data["entries"]
+
+
+def _ensure_loaded() -> None:
+    with _LOCK:
+        if _STATE["loaded"]:
+            return
+        entries = _read_file()
+        _STATE["writable"] = entries is not None
+        for k, e in (entries or {}).items():
+            _TABLE.setdefault(k, e)
+        _STATE["loaded"] = True
+
+
+def _write_file() -> None:
+    """Merge this process's entries into the file (atomically replaced)."""
+    with _LOCK:
+        if not _STATE["writable"]:
+            return
+        path = cache_path()
+        on_disk = _read_file()
+        if on_disk is None:
+            _STATE["writable"] = False
+            return
+        data = {"format": FORMAT, "version": VERSION, "versions": versions(), "entries": {**on_disk, **_TABLE}}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            _STATE["writable"] = False
+            warnings.warn(f"fastres.tune: cannot write {path} ({e}); choices are kept in memory only",
+                          stacklevel=3)
+
+
+def lookup(key: str) -> Optional[dict]:
+    """The remembered entry of ``key`` (memory, then the file), or None."""
+    _ensure_loaded()
+    with _LOCK:
+        return _TABLE.get(key)
+
+
+def choices() -> Dict[str, dict]:
+    """A copy of every remembered entry (key string -> entry) of this process."""
+    _ensure_loaded()
+    with _LOCK:
+        return {k: dict(e) for k, e in _TABLE.items()}
+
+
+def clear(file: bool = True) -> None:
+    """Forget every choice: in memory, and (``file``) the cache file if it is a fastres tune file."""
+    with _LOCK:
+        _TABLE.clear()
+        _STATE["loaded"] = False
+        _STATE["writable"] = True
+    if file:
+        path = cache_path()
+        if path.exists() and _read_file() is not None:
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timer(name: str, fn: Callable[[], object], device: torch.device) -> Tuple[float, float]:
+    """(first call ms, median steady-state ms) of candidate ``name``'s ``fn`` on ``device``
+    (CUDA events on a GPU). The tests replace it with a fake timer."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = 1e3 * (time.perf_counter() - t0)
+    times = []
+    for _ in range(REPS):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return first, statistics.median(times)
+
+
+def measure(key: str, usable: Sequence[str], run: Callable[[str], object], device: torch.device) -> dict:
+    """Time each of ``usable`` (``run(name)`` computes the call with that candidate) and remember the fastest."""
+    _ensure_loaded()
+    spent, ms, first_ms, skipped = 0.0, {}, {}, {}
+    with torch.no_grad():
+        for name in usable:
+            if spent > budget_ms():
+                skipped[name] = "first-call budget spent (FASTRES_TUNE_BUDGET_S)"
+                continue
+            try:
+                first, steady = _timer(name, lambda: run(name), device)
+            except Exception as e:  # noqa: BLE001 - a candidate failing here is skipped, not fatal
+                skipped[name] = f"{type(e).__name__}: {e}"[:200]
+                continue
+            first_ms[name], ms[name] = round(first, 4), round(steady, 4)
+            spent += first + REPS * steady
+    choice = min(ms, key=ms.get) if ms else static_choice(usable)
+    entry = {"choice": choice, "ms": ms, "first_ms": first_ms, "tune_ms": round(spent, 3)}
+    if skipped:
+        entry["skipped"] = skipped
+    with _LOCK:
+        _TABLE[key] = entry
+    _write_file()
+    return entry
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+@torch.compiler.assume_constant_result
+def _constant_choice(key: str, usable: Tuple[str, ...]) -> str:
+    """Under torch.compile: a known choice, else the static rule, as a constant of the trace."""
+    entry = lookup(key)
+    return entry["choice"] if entry is not None and entry["choice"] in usable else static_choice(usable)
+
+
+def conv_backend(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int, activation: str,
+                 implemented: Sequence[str], run: Callable[[str], object]) -> str:
+    """The candidate that runs this ``conv_bn_act`` call (measuring it first if it is new)."""
+    usable = candidates(x, weight, groups, activation, implemented)
+    if len(usable) == 1:
+        return usable[0]
+    if torch.jit.is_tracing():  # shapes are traced values here: the static rule
+        return static_choice(usable)
+    key = conv_key(x, weight, residual, stride, padding, dilation, groups, activation)
+    if torch.compiler.is_compiling():
+        return _constant_choice(key, usable)
+    entry = lookup(key)
+    if entry is not None and entry["choice"] in usable:
+        return entry["choice"]
+    if not autotune_enabled() or _capturing(x.device):
+        return static_choice(usable)
+    with _MEASURE_LOCK:
+        entry = lookup(key)  # another thread may have measured it meanwhile
+        if entry is None or entry["choice"] not in usable:
+            entry = measure(key, usable, run, x.device)
+    return entry["choice"]
+
+
+# ----------------------------------------------------------------------------
+# python -m fastres.tune
+# ----------------------------------------------------------------------------
+
+
+def format_table(entries: Dict[str, dict]) -> str:
+    """One line per key: the choice and each candidate's steady-state (first-call) ms."""
+    if not entries:
+        return "(no measured choices)"
+    rows = [("key", "choice", *CANDIDATES, "tune ms")]
+    for key in sorted(entries):
+        e = entries[key]
+        cells = []
+        for c in CANDIDATES:
+            if c in e["ms"]:
+                first = e.get("first_ms", {}).get(c)
+                cells.append(f"{e['ms'][c]:.4f}" + (f" ({first:.1f})" if first is not None else ""))
+            else:
+                cells.append("skipped" if c in e.get("skipped", {}) else "-")
+        rows.append((key, e["choice"], *cells, f"{e.get('tune_ms', 0.0):.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastres.tune", description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--show", action="store_true",
+                       help="the measured choices: per key, the choice and each candidate's steady-state ms "
+                            "(first call ms in parentheses)")
+    group.add_argument("--clear", action="store_true", help="delete the cache file")
+    group.add_argument("--path", action="store_true", help="print the cache file's path")
+    args = parser.parse_args(argv)
+    path = cache_path()
+    if args.path:
+        print(path)
+    elif args.clear:
+        clear()
+        print(f"cleared {path}")
+    else:
+        print(f"cache: {path}")
+        print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+        print("autotune: " + ("on" if autotune_enabled() else "off (FASTRES_AUTOTUNE=0)"))
+        print("columns: ms per call, steady state (first call); 'skipped': see the file's 'skipped'")
+        print(format_table(choices()))
+    return 0
+
+
