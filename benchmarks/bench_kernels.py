@@ -21,6 +21,7 @@ import torch
 
 from benchmarks import cases as kcases
 from benchmarks.timing import bench, bench_interleaved, synchronize
+from fastres import tune
 
 
 def _rel_diff(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -76,10 +77,13 @@ def run(cases: Sequence[kcases.KernelCase], device: torch.device, dtype: torch.d
             ready, ref = {}, None
             for name, (fn, backend) in fns.items():
                 try:
+                    tune.used(reset=True)
                     t0 = time.perf_counter()
                     y = fn()
                     synchronize(device)
                     first_s = time.perf_counter() - t0
+                    if backend == "auto":  # the backend fastres.tune chose for this shape
+                        backend = "auto:" + ",".join(sorted({e["choice"] for e in tune.used().values()}))
                     if ref is None:
                         ref = y.detach().clone()
                     ready[name] = (fn, backend, first_s, _rel_diff(y, ref))

@@ -19,8 +19,10 @@ Eval providers (:func:`eval_providers`):
 ``tv-compile``               ``torch.compile(model)`` (mode default)
 ``tv-compile-max-autotune``  ``torch.compile(model, mode="max-autotune")`` (it uses CUDA graphs)
 ``fastres-<backend>``        ``fastres.convert(model, backend=...)`` for each usable backend
-``fastres-cudagraph``        (GPU) fastres, best backend, in one CUDA graph
-``fastres-compile``          ``torch.compile`` of fastres, best backend
+``fastres-auto``             (GPU) ``fastres.convert(model)``: ``backend=None``, the per-shape choice of
+                             ``fastres.tune`` (the row says which backends ran, and the tuning time)
+``fastres-cudagraph``        (GPU) fastres, per-shape choice, in one CUDA graph
+``fastres-compile``          ``torch.compile`` of fastres, per-shape choice (GPU), best backend (CPU)
 ===========================  ===================================================
 
 Timing: the first call (compile time for compiled providers, capture for
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.timing import bench_interleaved, synchronize, time_iterations
+from fastres import tune
 
 MiB = 2 ** 20
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -110,8 +113,11 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
             out.append(ModelProvider("fastres-compile", f32, cl, eval_backends(device)[0]))
         return out
     # Most telling first, so that a --time-limit cuts the least important rows.
-    best = eval_backends(device)[0]
+    # backend None: the per-shape choice of fastres.tune (measured by fastres-auto, the first fastres
+    # provider; the CUDA-graph and compiled providers, which never measure, then use those choices).
+    best = None
     out = [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", dtype, cl)]
+    out += [ModelProvider("fastres-auto", dtype, cl, None)]
     out += [ModelProvider(f"fastres-{b}", dtype, cl, b) for b in eval_backends(device)]
     out += [ModelProvider("tv-cudagraph", dtype, cl), ModelProvider("fastres-cudagraph", dtype, cl, best)]
     out += [ModelProvider("tv-compile" if m == "default" else f"tv-compile-{m}", dtype, cl) for m in compile_modes]
@@ -121,7 +127,7 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
     if other is not None:
         out.append(ModelProvider("tv-eager", other, cl))
         if full:
-            out.append(ModelProvider(f"fastres-{best}", other, cl, best))
+            out.append(ModelProvider("fastres-auto", other, cl, best))
     return out
 
 
@@ -304,6 +310,18 @@ def _setup_train(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels: tor
     return _Prepared(step, time.perf_counter() - t0, first_logits[0], (model, opt, xin))
 
 
+def _tune_summary(used: Dict[str, dict]) -> dict:
+    """Row fields for a ``backend=None`` provider: which backend ran each conv shape (``fastres.tune.used()``)."""
+    if not used:
+        return {}
+    counts: Dict[str, int] = {}
+    for e in used.values():
+        counts[e["choice"]] = counts.get(e["choice"], 0) + 1
+    return {"conv_backends": " ".join(f"{b}:{n}" for b, n in sorted(counts.items())),
+            "tune_s": sum(e.get("tune_ms", 0.0) for e in used.values() if e["how"] == "measured") / 1e3,
+            "conv_choices": used}
+
+
 def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch.device, providers_for,
          setup, *, image_size: int, trials: int, trial_ms: float, progress, budget,
          skipped: Optional[List[dict]]) -> List[dict]:
@@ -350,14 +368,16 @@ def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch
                 try:
                     if ref is None:
                         ref = reference_logits(base, x, train=train)
+                    tune.used(reset=True)
                     prep = setup(p, base, x, labels, device)
+                    choices = _tune_summary(tune.used()) if p.fastres and p.backend is None else {}
                     if device.type != "cuda":
                         prepared[p] = prep
                         continue
                     torch.cuda.reset_peak_memory_stats(device)
                     t = time_iterations(prep.fn, device, trials=trials, trial_ms=trial_ms, warmup=2)
                     t["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / MiB
-                    measured.append((p, {**t, "first_call_s": prep.first_s}, prep.logits))
+                    measured.append((p, {**t, "first_call_s": prep.first_s, **choices}, prep.logits))
                 except Exception as e:  # noqa: BLE001 - a provider failing (OOM, no backend) is reported
                     skip(p, _skip_reason(e))
                 prep = None

@@ -23,6 +23,8 @@ provider            what runs
                     ``relu(y (+ r))``: what ``torch.fx`` BN folding gives
 ``fastres-<b>``     ``fastres.ops.<op>(..., backend=b)`` for every backend usable
                     here that implements the op
+``fastres-auto``    (GPU, conv) ``backend=None``: the per-shape choice of
+                    ``fastres.tune``, measured on the first call
 ==================  ==========================================================
 
 Everything is channels_last. The activation is ReLU, except after a
@@ -303,13 +305,15 @@ def providers(case: KernelCase, device: torch.device, dtype: torch.dtype, *, com
         fused = {b: (lambda b=b: ops.conv_bn_act(x, conv.weight, scale, shift, r, activation=act, backend=b,
                                                  **geometry))
                  for b in kernel_backends(case.op, device)}
+        if device.type == "cuda":
+            fused["auto"] = lambda: ops.conv_bn_act(x, conv.weight, scale, shift, r, activation=act, **geometry)
     out["eager"] = (eager, None)
     if compile:
         out["compile"] = (torch.compile(eager, dynamic=False), None)
     if case.op == "conv_bn_act":
         out[stock_fused[0]] = (stock_fused[1], None)
     for b, fn in fused.items():
-        out[f"fastres-{b}"] = (fn, b)
+        out[f"fastres-{b}"] = (fn, b)  # "auto": the bench reports the backend fastres.tune chose
     return out
 
 
@@ -318,7 +322,8 @@ def provider_names(case: KernelCase, device: torch.device, *, compile: bool = Tr
     names = ["eager"] + (["compile"] if compile else [])
     if case.op == "conv_bn_act":
         names.append("cudnn-fused" if device.type == "cuda" else "folded")
-    return names + [f"fastres-{b}" for b in kernel_backends(case.op, device)]
+    auto = ["fastres-auto"] if case.op == "conv_bn_act" and device.type == "cuda" else []
+    return names + [f"fastres-{b}" for b in kernel_backends(case.op, device)] + auto
 
 
 def iter_case_providers(cases: Iterable[KernelCase], device: torch.device, *, compile: bool = True):

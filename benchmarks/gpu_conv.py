@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_conv                       # check at batch 32, bench at 64 and 256
     python -m benchmarks.gpu_conv --check-only          # correctness only (exit 1 on a failure)
     python -m benchmarks.gpu_conv --bench-only --batches 64 --out conv.json
-    python -m benchmarks.gpu_conv --backend cuda        # the CUDA C++ backend, once it has the op
+    python -m benchmarks.gpu_conv --backend cuda        # one backend (default auto: backend=None, per-shape choice)
 
 Needs a CUDA GPU. Everything is bf16 channels_last (``--dtype`` to change).
 
@@ -18,7 +18,8 @@ Needs a CUDA GPU. Everything is bf16 channels_last (``--dtype`` to change).
      ``torch.cudnn_convolution_add_relu`` with BN folded into the weight and a
      bias in fp32, then cast (what a deployment would fold); the downsample
      convs (no activation) use ``F.conv2d`` with the folded bias;
-   * ``fastres``: ``fastres.ops.conv_bn_act(backend=...)``, autotuned before timing.
+   * ``fastres``: ``fastres.ops.conv_bn_act(backend=...)``, autotuned before timing; with
+     ``--backend auto`` the ``backend`` column says which backend fastres.tune chose.
    Reports times, speedups, achieved TFLOP/s, the geometric-mean speedups and
    the whole network's conv time (each shape times its count).
 """
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import cases
+from fastres import tune
 
 # Columns of this script's output, and the benchmarks.cases provider each one is.
 PROVIDERS = {"eager": "eager", "cudnn": "cudnn-fused", "fastres": "fastres-{backend}"}
@@ -49,7 +51,7 @@ def _fused(case, backend, x, weight, scale, shift, r):
 
     c = case.conv
     return ops.conv_bn_act(x, weight, scale, shift, r, stride=c.stride, padding=c.padding, dilation=c.dilation,
-                           groups=c.groups, activation=case.activation, backend=backend)
+                           groups=c.groups, activation=case.activation, backend=None if backend == "auto" else backend)
 
 
 def providers(shape, backend, dtype, device) -> Dict[str, object]:
@@ -121,12 +123,16 @@ def bench(shapes, backend, dtype, device, rep_ms: int) -> List[dict]:
     for shape in _progress(shapes, f"bench N={shapes[0].N}"):
         with torch.no_grad():
             fns = providers(shape, backend, dtype, device)
-            fns["fastres"]()  # autotune outside the timed region
+            tune.used(reset=True)
+            fns["fastres"]()  # autotune (and, for auto, the per-shape choice) outside the timed region
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            chosen = tune.used()
             t = {p: time_fn(fns[p], device, rep_ms=rep_ms) for p in PROVIDERS}
         row = {"shape": shape.label, "name": shape.name, "batch": shape.N, "count": shape.count,
-               "activation": cases.conv_case(shape).activation, "gflop": shape.flops / 1e9}
+               "activation": cases.conv_case(shape).activation, "gflop": shape.flops / 1e9,
+               "backend": ",".join(sorted({e["choice"] for e in chosen.values()})) or backend,
+               "candidates_ms": {k: e.get("ms") for k, e in chosen.items()}}
         for p in PROVIDERS:
             row.update({f"{p}_ms": t[p]["ms"], f"{p}_ms_p20": t[p]["ms_p20"], f"{p}_ms_p80": t[p]["ms_p80"],
                         f"{p}_tflops": shape.flops / (t[p]["ms"] * 1e-3) / 1e12})
@@ -152,7 +158,7 @@ def summarize(rows: List[dict]) -> dict:
 
 
 def table(rows: List[dict]) -> str:
-    cols = [("shape", "shape", "{}"), ("count", "n", "{}"), ("eager_ms", "eager ms", "{:.4f}"),
+    cols = [("shape", "shape", "{}"), ("count", "n", "{}"), ("backend", "backend", "{}"), ("eager_ms", "eager ms", "{:.4f}"),
             ("cudnn_ms", "cudnn ms", "{:.4f}"), ("fastres_ms", "fastres ms", "{:.4f}"),
             ("fastres_ms_p20", "p20", "{:.4f}"), ("fastres_ms_p80", "p80", "{:.4f}"),
             ("fastres_tflops", "TFLOP/s", "{:.1f}"), ("cudnn_tflops", "cudnn TFLOP/s", "{:.1f}"),
@@ -177,7 +183,8 @@ def _progress(items, desc):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_conv", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["triton", "cuda"], default="triton", help="fastres backend to test")
+    parser.add_argument("--backend", choices=["auto", "triton", "cuda", "cudnn"], default="auto",
+                        help="fastres backend to test (auto: backend=None, the per-shape choice of fastres.tune)")
     parser.add_argument("--arch", default="resnet50", help="torchvision model whose convs are used")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="benchmark batch sizes")
     parser.add_argument("--check-batch", type=int, default=32, help="batch size of the correctness check")

@@ -47,6 +47,7 @@ MODEL_COLUMNS: List[Column] = [
     ("images_per_s", "img/s", _fmt("{:.1f}")), ("ms", "ms/batch", _fmt("{:.3g}")),
     ("", "p20-p80", _range), ("peak_mem_mib", "peak MiB", _fmt("{:.0f}")),
     ("", "compile/capture s", _compile_s),
+    ("conv_backends", "conv backends", _fmt("{}")), ("tune_s", "tuning s", _fmt("{:.1f}")),
     ("max_abs_err", "max abs err", _fmt("{:.2e}")), ("rel_l2_err", "rel-L2 err", _fmt("{:.2e}")),
     ("speedup_vs_tv_fp32", "vs tv fp32", _fmt("{:.2f}x")), ("speedup_vs_tv_same", "vs tv same dtype", _fmt("{:.2f}x")),
 ]
@@ -67,6 +68,7 @@ KERNEL_COLUMNS: List[Column] = [
     ("tflops", "TFLOP/s", _fmt("{:.1f}")), ("frac_peak_flops", "of matmul peak", _fmt("{:.0%}")),
     ("speedup_vs_eager", "vs eager", _fmt("{:.2f}x")), ("speedup_vs_best_stock", "vs best stock", _fmt("{:.2f}x")),
     ("rel_diff_vs_eager", "diff vs eager", _fmt("{:.1e}")),
+    ("", "chosen", lambda r: str(r.get("backend"))[5:] if str(r.get("backend")).startswith("auto:") else "-"),
 ]
 
 SUITE_COLUMNS = {"models": MODEL_COLUMNS, "train": TRAIN_COLUMNS, "ops": KERNEL_COLUMNS, "conv": KERNEL_COLUMNS}
@@ -337,6 +339,34 @@ def _env_lines(result: dict) -> List[str]:
     return lines
 
 
+def _tune_sections(result: dict) -> List[str]:
+    """Per model row of a ``backend=None`` provider: the backend that ran each conv shape, how it was
+    chosen, the measured ms per candidate and the tuning time (``fastres.tune``)."""
+    from fastres._tune import CANDIDATES
+
+    rows = [r for r in result.get("rows", []) if r.get("conv_choices")]
+    if not rows:
+        return []
+    lines = ["## Per-shape backend choice (backend=None, `fastres.tune`)", "",
+             "Keys are device|dtype|layout|geometry|batch bucket|epilogue; times are steady-state ms per "
+             "call measured on the first call (first-call ms, with autotuning, in parentheses).", ""]
+    for r in rows:
+        lines += [f"### {r['arch']} N={r['batch']} {r['dtype']} {r['provider']}: {r.get('conv_backends')}, "
+                  f"tuning {r.get('tune_s', 0.0):.1f} s of a {r.get('first_call_s', 0.0):.1f} s first call", "",
+                  "| conv | backend | how | " + " | ".join(f"{c} ms" for c in CANDIDATES) + " | tuning ms |",
+                  "|---|---|---|" + "---|" * (len(CANDIDATES) + 1)]
+        for key, e in sorted(r["conv_choices"].items()):
+            cells = []
+            for c in CANDIDATES:
+                ms, first = e.get("ms", {}).get(c), e.get("first_ms", {}).get(c)
+                cells.append("-" if ms is None else f"{ms:.4f} ({first:.1f})")
+            tune_ms = f"{e['tune_ms']:.0f}" if e.get("how") == "measured" else "-"
+            lines.append(f"| {key.split('|', 1)[1]} | {e['choice']} | {e['how']} | " + " | ".join(cells)
+                         + f" | {tune_ms} |")
+        lines.append("")
+    return lines
+
+
 def markdown_report(result: dict, plots: Sequence[str] = ()) -> str:
     lines = ["# fastres benchmark report", "", *_env_lines(result), ""]
     targets = result.get("targets") or evaluate_targets(result)
@@ -353,6 +383,7 @@ def markdown_report(result: dict, plots: Sequence[str] = ()) -> str:
                                                             SUITE_COLUMNS[suite]), ""]
         else:
             lines += [markdown_table(rows, SUITE_COLUMNS[suite]), ""]
+    lines += _tune_sections(result)
     skipped = result.get("skipped") or []
     if skipped:
         lines += ["## Not measured", "", "| suite | case | provider | reason |", "|---|---|---|---|"]

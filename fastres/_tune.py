@@ -70,6 +70,7 @@ REPS = 5  # steady-state calls timed per candidate
 _LOCK = threading.Lock()  # guards _TABLE and _STATE
 _MEASURE_LOCK = threading.Lock()  # one key measured at a time
 _TABLE: Dict[str, dict] = {}  # key string -> entry, for this process's library versions
+_USED: Dict[str, dict] = {}  # key string -> {"choice", "how"}: what backend=None ran (see used())
 _STATE = {"loaded": False, "writable": True}
 
 
@@ -271,6 +272,7 @@ def clear(file: bool = True) -> None:
     """Forget every choice: in memory, and (``file``) the cache file if it is a fastres tune file."""
     with _LOCK:
         _TABLE.clear()
+        _USED.clear()
         _STATE["loaded"] = False
         _STATE["writable"] = True
     if file:
@@ -343,11 +345,31 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _record(key: str, choice: str, how: str) -> str:
+    if _USED.get(key, {}).get("choice") != choice:
+        with _LOCK:
+            _USED[key] = {"choice": choice, "how": how}
+    return choice
+
+
+def used(reset: bool = False) -> Dict[str, dict]:
+    """The keys ``backend=None`` resolved since the last reset: the choice, how it was made
+    ("measured", "known": from memory or the file, "static": the rule) and, when measured,
+    the times per candidate. What the benchmark report prints per conv shape."""
+    with _LOCK:
+        out = {k: {**_TABLE.get(k, {}), **v} for k, v in _USED.items()}
+        if reset:
+            _USED.clear()
+    return out
+
+
 @torch.compiler.assume_constant_result
 def _constant_choice(key: str, usable: Tuple[str, ...]) -> str:
     """Under torch.compile: a known choice, else the static rule, as a constant of the trace."""
     entry = lookup(key)
-    return entry["choice"] if entry is not None and entry["choice"] in usable else static_choice(usable)
+    if entry is not None and entry["choice"] in usable:
+        return _record(key, entry["choice"], "known")
+    return _record(key, static_choice(usable), "static")
 
 
 def conv_backend(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], stride: Sequence[int],
@@ -355,8 +377,6 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch
                  implemented: Sequence[str], run: Callable[[str], object]) -> str:
     """The candidate that runs this ``conv_bn_act`` call (measuring it first if it is new)."""
     usable = candidates(x, weight, groups, activation, implemented)
-    if len(usable) == 1:
-        return usable[0]
     if torch.jit.is_tracing():  # shapes are traced values here: the static rule
         return static_choice(usable)
     key = conv_key(x, weight, residual, stride, padding, dilation, groups, activation)
@@ -364,14 +384,14 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch
         return _constant_choice(key, usable)
     entry = lookup(key)
     if entry is not None and entry["choice"] in usable:
-        return entry["choice"]
-    if not autotune_enabled() or _capturing(x.device):
-        return static_choice(usable)
+        return _record(key, entry["choice"], "known")
+    if len(usable) == 1 or not autotune_enabled() or _capturing(x.device):
+        return _record(key, static_choice(usable), "static")
     with _MEASURE_LOCK:
         entry = lookup(key)  # another thread may have measured it meanwhile
         if entry is None or entry["choice"] not in usable:
             entry = measure(key, usable, run, x.device)
-    return entry["choice"]
+    return _record(key, entry["choice"], "measured")
 
 
 # ----------------------------------------------------------------------------

@@ -291,3 +291,25 @@ def test_plots(tmp_path):
             assert f.read(8) == PNG_MAGIC
     assert plots.write_plots({"rows": rows[:2]}, out) == ["throughput.png", "memory.png"]  # single batch: bars
     assert not os.path.exists(os.path.join(out, "kernels.png"))  # a stale plot is removed
+
+
+def test_report_says_which_backend_ran_each_conv_shape():
+    """A backend=None model row carries fastres.tune's per-shape choices; the report prints them."""
+    from benchmarks import bench_models
+
+    used = {
+        "H200|bf16|nhwc|c64h56w56-k64r3s3-s1,1-p1,1-d1,1-g1|n64|relu": {
+            "choice": "cudnn", "how": "measured", "ms": {"cudnn": 0.05, "stock": 0.08, "triton": 0.07},
+            "first_ms": {"cudnn": 3.0, "stock": 2.0, "triton": 900.0}, "tune_ms": 1300.0},
+        "H200|bf16|nhwc|c64h56w56-k256r1s1-s1,1-p0,0-d1,1-g1|n64|relu+res": {"choice": "cuda", "how": "static"},
+    }
+    fields = bench_models._tune_summary(used)
+    assert fields["conv_backends"] == "cuda:1 cudnn:1" and fields["tune_s"] == pytest.approx(1.3)
+    row = {**_model_row("fastres-auto", 100.0), **fields, "first_call_s": 2.5}
+    md = report.markdown_report({"rows": [row]})
+    assert "## Per-shape backend choice" in md and "cuda:1 cudnn:1, tuning 1.3 s of a 2.5 s first call" in md
+    assert "| bf16|nhwc|c64h56w56-k64r3s3-s1,1-p1,1-d1,1-g1|n64|relu | cudnn | measured | - | 0.0700 (900.0) | " \
+           "0.0500 (3.0) | 0.0800 (2.0) | 1300 |" in md
+    assert "| cuda | static | - | - | - | - | - |" in md
+    assert "conv backends" in report.text_table([row], report.MODEL_COLUMNS)
+    assert bench_models._tune_summary({}) == {}

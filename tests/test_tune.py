@@ -101,6 +101,7 @@ def test_first_call_measures_and_runs_the_fastest(tune, monkeypatch, fastest):
     assert entry["first_ms"] == {"triton": 10 * timer.ms["triton"], "stock": 20.0}
     _call(args)  # known now: no more measuring
     assert len(timer.calls) == 2
+    assert fastres.tune.used()[_key(args)] == {**entry, "how": "measured"}  # what the benchmark report prints
 
 
 def test_candidates_on_cpu_and_the_static_rule():
@@ -243,6 +244,8 @@ def test_autotune_off_uses_known_else_static(tune, monkeypatch):
     usable = _tune.candidates(args[0], args[1], 1, "relu", IMPLEMENTED)
     assert _choose(args) == _tune.static_choice(usable)
     assert timer.calls == [] and fastres.tune.choices() == {}  # the static rule is not remembered
+    assert fastres.tune.used(reset=True)[_key(args)]["how"] == "static"
+    assert fastres.tune.used() == {}
     with _tune._LOCK:
         _tune._TABLE[_key(args)] = {"choice": "stock", "ms": {"stock": 1.0}}
     assert _choose(args) == "stock"
@@ -283,6 +286,8 @@ def test_torch_compile_never_measures_and_does_not_break_the_graph(tune, monkeyp
     other = _conv(h=5)  # unknown: the static rule, still without measuring
     torch.testing.assert_close(f(*other[:4]), _ref(other), **TOL[torch.float32])
     assert timer.calls == [] and _key(other) not in fastres.tune.choices()
+    used = fastres.tune.used()
+    assert (used[_key(args)]["how"], used[_key(other)]["how"]) == ("known", "static")
     torch._dynamo.reset()
 
 
