@@ -4,8 +4,9 @@
 # test suite on the GPU, compute-sanitizer on every CUDA kernel, the quick
 # benchmark. Results go to $OUT (default ./gpu-out), at most 8 files (what a
 # lent machine returns): summary.log (versions and one line per step),
-# steps.log (every step's full output), conv.json, bench/ (the benchmark's
-# results.json, report.md and plots).
+# steps.log (every step's full output; the tune step's table of per-shape
+# choices is there), conv.json, bench/ (the benchmark's results.json, report.md
+# and plots).
 #
 #   bash scripts/gpu_check.sh            # everything
 #   STEPS="build tests" bash scripts/gpu_check.sh
@@ -18,8 +19,11 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"build tests sanitize conv bench"}
+STEPS=${STEPS:-"build tests sanitize conv tune bench"}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# A fresh table of per-shape choices (fastres.tune), measured by this run.
+export FASTRES_TUNE_CACHE=${FASTRES_TUNE_CACHE:-/tmp/fastres-gpu-check-tune.json}
+rm -f "$FASTRES_TUNE_CACHE"
 
 {
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -59,6 +63,10 @@ step sanitize 180 bash -c '
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda-conv
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py triton'
 step conv 240 python3 -m benchmarks.gpu_conv --batches 64 --out "$OUT/conv.json"
+step tune 200 bash -c '
+  set -e
+  python3 -m benchmarks.gpu_conv --bench-only --arch resnext50_32x4d --batches 64 --rep-ms 50
+  python3 -m fastres.tune --show'
 step bench 240 python3 -m benchmarks --time-limit 180 --out "$OUT/bench"
 
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1))"

@@ -291,6 +291,21 @@ def test_torch_compile_never_measures_and_does_not_break_the_graph(tune, monkeyp
     torch._dynamo.reset()
 
 
+def test_torch_export_never_measures(tune, monkeypatch):
+    timer = FakeTimer({})
+    monkeypatch.setattr(_tune, "_timer", timer)
+    args = _conv()
+
+    class Conv(torch.nn.Module):
+        def forward(self, x, w, scale, shift):
+            return _call((x, w, scale, shift, None))
+
+    ep = torch.export.export(Conv(), tuple(args[:4]))
+    torch.testing.assert_close(ep.module()(*args[:4]), _ref(args), **TOL[torch.float32])
+    assert timer.calls == [] and fastres.tune.choices() == {}
+    assert fastres.tune.used()[_key(args)]["how"] == "static"
+
+
 # ----------------------------------------------------------------------------
 # Threads
 # ----------------------------------------------------------------------------
