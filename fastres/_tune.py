@@ -71,6 +71,7 @@ _LOCK = threading.Lock()  # guards _TABLE and _STATE
 _MEASURE_LOCK = threading.Lock()  # one key measured at a time
 _TABLE: Dict[str, dict] = {}  # key string -> entry, for this process's library versions
 _USED: Dict[str, dict] = {}  # key string -> {"choice", "how"}: what backend=None ran (see used())
+_MEMO: Dict[tuple, tuple] = {}  # call signature -> (key, candidates), see _key_and_candidates
 _STATE = {"loaded": False, "writable": True}
 
 
@@ -221,6 +222,8 @@ def _read_file() -> Optional[dict]:
 
 
 def _ensure_loaded() -> None:
+    if _STATE["loaded"]:
+        return
     with _LOCK:
         if _STATE["loaded"]:
             return
@@ -273,6 +276,7 @@ def clear(file: bool = True) -> None:
     with _LOCK:
         _TABLE.clear()
         _USED.clear()
+        _MEMO.clear()
         _STATE["loaded"] = False
         _STATE["writable"] = True
     if file:
@@ -345,6 +349,23 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _key_and_candidates(x, weight, residual, stride, padding, dilation, groups, activation, implemented):
+    """``conv_key`` and ``candidates``, memoized on everything they read (tens of microseconds
+    of Python per conv call otherwise)."""
+    memo = (x.device, x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), residual is None,
+            tuple(stride), tuple(padding), tuple(dilation), groups, activation, tuple(implemented),
+            torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32, os.environ.get("TRITON_INTERPRET"))
+    found = _MEMO.get(memo)
+    if found is None:
+        found = (conv_key(x, weight, residual, stride, padding, dilation, groups, activation),
+                 candidates(x, weight, groups, activation, implemented))
+        with _LOCK:
+            if len(_MEMO) >= 4096:  # many shapes (varying image sizes): start over
+                _MEMO.clear()
+            _MEMO[memo] = found
+    return found
+
+
 def _record(key: str, choice: str, how: str) -> str:
     if _USED.get(key, {}).get("choice") != choice:
         with _LOCK:
@@ -376,12 +397,13 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch
                  padding: Sequence[int], dilation: Sequence[int], groups: int, activation: str,
                  implemented: Sequence[str], run: Callable[[str], object]) -> str:
     """The candidate that runs this ``conv_bn_act`` call (measuring it first if it is new)."""
-    usable = candidates(x, weight, groups, activation, implemented)
-    if torch.jit.is_tracing():  # shapes are traced values here: the static rule
-        return static_choice(usable)
-    key = conv_key(x, weight, residual, stride, padding, dilation, groups, activation)
     if torch.compiler.is_compiling():
-        return _constant_choice(key, usable)
+        usable = candidates(x, weight, groups, activation, implemented)
+        return _constant_choice(conv_key(x, weight, residual, stride, padding, dilation, groups, activation), usable)
+    if torch.jit.is_tracing():  # shapes are traced values here: the static rule
+        return static_choice(candidates(x, weight, groups, activation, implemented))
+    key, usable = _key_and_candidates(x, weight, residual, stride, padding, dilation, groups, activation,
+                                      implemented)
     entry = lookup(key)
     if entry is not None and entry["choice"] in usable:
         return _record(key, entry["choice"], "known")
