@@ -360,3 +360,35 @@ def test_cli_runs_as_a_module(tune):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tune)
+
+
+# ----------------------------------------------------------------------------
+# On a GPU (skipped without one): real timing
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_gpu_first_call_times_every_usable_candidate(monkeypatch, tmp_path, act, residual):
+    monkeypatch.setenv("FASTRES_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.delenv("FASTRES_AUTOTUNE", raising=False)
+    _tune.clear(file=False)
+    try:
+        x, w, scale, shift, r = (None if t is None else t.cuda() for t in _conv(n=8, c=32, h=14, w=14, k=64,
+                                                                                  residual=residual,
+                                                                                  dtype=torch.bfloat16,
+                                                                                  fmt=torch.channels_last))
+        w = w.contiguous(memory_format=torch.channels_last)
+        y = ops.conv_bn_act(x, w, scale, shift, r, padding=1, activation=act)
+        usable = _tune.candidates(x, w, 1, act, ops.implemented_backends("conv_bn_act"))
+        entry = fastres.tune.choices()[_tune.conv_key(x, w, r, [1, 1], [1, 1], [1, 1], 1, act)]
+        assert set(entry["ms"]) | set(entry.get("skipped", {})) == set(usable)
+        assert entry["choice"] in entry["ms"] and ("cudnn" in usable) == (act == "relu")
+        up = lambda t: None if t is None else t.float()  # noqa: E731
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            ref = reference.conv_bn_act(up(x), up(w), scale, shift, up(r), [1, 1], [1, 1], [1, 1], 1, act)
+        torch.testing.assert_close(y, ref.to(y.dtype), rtol=2e-2, atol=2e-2)
+        assert y.stride() == ref.stride()
+    finally:
+        _tune.clear(file=False)
