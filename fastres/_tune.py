@@ -29,7 +29,7 @@ written by other versions is ignored and replaced, so new versions re-measure.
   ``torch.compile`` the choice is a constant of the trace (no graph break).
 * Several processes (DDP ranks) each measure and may choose differently; all
   candidates compute the same function, so outputs differ across ranks only by
-  the kernels' rounding (and, for ``"cudnn"``, the folding's, docs/cuda_conv.md);
+  the kernels' rounding (and, for ``"cudnn"``, the folding's, docs/tuning.md);
   nothing requires bitwise-equal activations across ranks. Pointing all ranks
   at one measured file (``FASTRES_TUNE_CACHE``) makes them agree.
 
