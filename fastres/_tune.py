@@ -95,7 +95,14 @@ def autotune_enabled() -> bool:
 
 
 def budget_ms() -> float:
-    return 1000.0 * float(os.environ.get("FASTRES_TUNE_BUDGET_S", "10"))
+    """``FASTRES_TUNE_BUDGET_S`` (default 10) in ms; a value that is not a number raises, naming it."""
+    value = os.environ.get("FASTRES_TUNE_BUDGET_S", "10")
+    try:
+        return 1000.0 * float(value)
+    except ValueError:
+        raise ValueError(
+            f"fastres.tune: expected FASTRES_TUNE_BUDGET_S to be a number of seconds, got {value!r}"
+        ) from None
 
 
 def _driver_version() -> Optional[str]:

@@ -145,6 +145,9 @@ def test_budget_bounds_the_first_call(tune, monkeypatch):
     assert entry["choice"] == "cudnn"
     assert set(entry["skipped"]) == {"stock", "cuda", "triton"}
     assert entry["tune_ms"] == 10 * 5.0 + _tune.REPS * 5.0
+    monkeypatch.setenv("FASTRES_TUNE_BUDGET_S", "ten")
+    with pytest.raises(ValueError, match="FASTRES_TUNE_BUDGET_S to be a number of seconds, got 'ten'"):
+        _tune.measure("k", ("cudnn", "stock"), lambda name: None, x.device)
 
 
 # ----------------------------------------------------------------------------
@@ -218,6 +221,8 @@ def test_unreadable_file_is_ignored_with_a_warning_and_left_alone(tune, monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _tune.measure("k2", ("stock", "triton"), lambda name: None, torch.device("cpu"))  # warned once
+    fastres.tune.clear()
+    assert tune.read_text() == content  # clear() deletes only a fastres tune file
 
 
 def test_other_versions_are_ignored_then_replaced(tune, monkeypatch):
