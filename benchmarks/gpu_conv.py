@@ -158,7 +158,8 @@ def summarize(rows: List[dict]) -> dict:
 
 
 def table(rows: List[dict]) -> str:
-    cols = [("shape", "shape", "{}"), ("count", "n", "{}"), ("backend", "backend", "{}"), ("eager_ms", "eager ms", "{:.4f}"),
+    cols = [("shape", "shape", "{}"), ("count", "n", "{}"), ("backend", "backend", "{}"),
+            ("eager_ms", "eager ms", "{:.4f}"),
             ("cudnn_ms", "cudnn ms", "{:.4f}"), ("fastres_ms", "fastres ms", "{:.4f}"),
             ("fastres_ms_p20", "p20", "{:.4f}"), ("fastres_ms_p80", "p80", "{:.4f}"),
             ("fastres_tflops", "TFLOP/s", "{:.1f}"), ("cudnn_tflops", "cudnn TFLOP/s", "{:.1f}"),
