@@ -181,3 +181,20 @@ def test_cudnn_backend_trains_on_gpu():
         reference.conv_bn_act(*args, *GEOM, "relu").sum().backward()
     for a, t in zip(got, args):
         torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "grad", "inference_mode"])
+def test_backend_function_under_torch_compile(mode):
+    """The folding and the fused op trace into one graph (the op is opaque, with its fake kernel)."""
+    x, w, scale, shift, r = _inputs(torch.float32, torch.channels_last, True)
+    if mode == "grad":
+        w.requires_grad_(True)
+    f = torch.compile(lambda *a: _cudnn.conv_bn_act(*a, *GEOM, "relu"), fullgraph=True, backend="aot_eager")
+    ctx = {"no_grad": torch.no_grad, "grad": torch.enable_grad, "inference_mode": torch.inference_mode}[mode]
+    with ctx():
+        y = f(x, w, scale, shift, r)
+    torch.testing.assert_close(y, reference.conv_bn_act(x, w, scale, shift, r, *GEOM, "relu"), **TOL[torch.float32])
+    if mode == "grad":
+        y.sum().backward()
+        assert w.grad is not None
+    torch._dynamo.reset()
