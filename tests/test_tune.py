@@ -86,13 +86,18 @@ def _choose(args, run=lambda name: None, act="relu"):
 # ----------------------------------------------------------------------------
 
 
+GRAD_MODES = {"default": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
 @needs_triton
+@pytest.mark.parametrize("mode", list(GRAD_MODES))
 @pytest.mark.parametrize("fastest", ["triton", "stock"])
-def test_first_call_measures_and_runs_the_fastest(tune, monkeypatch, fastest):
+def test_first_call_measures_and_runs_the_fastest(tune, monkeypatch, fastest, mode):
     timer = FakeTimer({"triton": 1.0 if fastest == "triton" else 3.0, "stock": 2.0}, run=True)
     monkeypatch.setattr(_tune, "_timer", timer)
     args = _conv()
-    y = _call(args)
+    with GRAD_MODES[mode]():
+        y = _call(args)
     torch.testing.assert_close(y, _ref(args), **TOL[torch.float32])
     assert sorted(timer.calls) == ["stock", "triton"]  # each usable candidate once, on the real inputs
     entry = fastres.tune.choices()[_key(args)]
@@ -148,6 +153,21 @@ def test_budget_bounds_the_first_call(tune, monkeypatch):
     monkeypatch.setenv("FASTRES_TUNE_BUDGET_S", "ten")
     with pytest.raises(ValueError, match="FASTRES_TUNE_BUDGET_S to be a number of seconds, got 'ten'"):
         _tune.measure("k", ("cudnn", "stock"), lambda name: None, x.device)
+
+
+@needs_triton
+def test_model_run_in_inference_mode(tune, monkeypatch):
+    """A fastres block run inside inference_mode, backend=None: measured, then the choice runs.
+    (A block *built* inside inference_mode fails in fastres.nn's scale/shift cache, which reads
+    the version counter of inference tensors, whatever the backend: not this module's.)"""
+    monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": 1.0, "stock": 2.0}, run=True))
+    block = fastres.nn.BasicBlock(4, 4).eval()
+    with torch.inference_mode():
+        x = torch.randn(1, 4, 5, 6)
+        y = block(x)
+        expected = fastres.set_backend(block, "torch")(x)
+    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+    assert {e["choice"] for e in fastres.tune.choices().values()} == {"triton"}
 
 
 # ----------------------------------------------------------------------------
