@@ -67,7 +67,7 @@ TUNED_DEVICE_TYPES = ("cuda",)
 FORMAT, VERSION = "fastres-tune", 1
 REPS = 5  # steady-state calls timed per candidate
 
-_LOCK = threading.Lock()  # guards _TABLE and _STATE
+_LOCK = threading.Lock()  # guards _TABLE, _USED, _MEMO and _STATE
 _MEASURE_LOCK = threading.Lock()  # one key measured at a time
 _TABLE: Dict[str, dict] = {}  # key string -> entry, for this process's library versions
 _USED: Dict[str, dict] = {}  # key string -> {"choice", "how"}: what backend=None ran (see used())
