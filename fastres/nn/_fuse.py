@@ -39,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastres import ops
 from fastres._checks import check_activation
+from fastres._tracing import is_tracing
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
 _ACTIVATION_FACTORIES = {
@@ -233,13 +234,9 @@ def eval_scale_shift(bn: _BatchNorm, conv_bias: Optional[Tensor], ct: torch.dtyp
     return scale, shift
 
 
-def _tracing() -> bool:
-    if torch.compiler.is_compiling():  # torch.compile and torch.export
-        return True
-    if torch.jit.is_tracing():
-        return True
-    fx = torch.fx._symbolic_trace
-    return getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
+def _version(t: Tensor) -> Optional[int]:
+    """``t``'s autograd version counter; None for an inference tensor, which has none."""
+    return None if t.is_inference() else t._version
 
 
 def _plain(t: Tensor) -> bool:
@@ -261,6 +258,16 @@ class ScaleShiftCache:
     counters: the owning modules drop their entries on ``train()``/``eval()``
     and ``_apply`` (``.to``, ``.cuda``...), and :meth:`clear` (or
     ``fastres.nn.clear_cache(model)``) drops them explicitly.
+
+    Inference tensors (a model built, copied, cast or loaded inside
+    ``torch.inference_mode()``) have no version counter. They cannot be edited
+    in place outside inference mode (PyTorch raises), and inside it the
+    in-place edits PyTorch's module API makes are caught: ``load_state_dict``
+    (which copies in place) drops the owning modules' entries, as do
+    ``train()``/``eval()`` around a training-mode forward that updates running
+    statistics. Other in-place edits of inference tensors inside inference
+    mode (``bn.running_var.mul_(2)``, ``.data`` edits, a BN's own
+    ``load_state_dict``) are not seen: call ``fastres.nn.clear_cache`` after them.
 
     Nothing is cached (the values are recomputed, which is always correct):
 
@@ -287,7 +294,7 @@ class ScaleShiftCache:
         if not self._cacheable(sources, x):
             return eval_scale_shift(bn, conv_bias, ct)
         key = tuple(
-            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
+            None if t is None else (t.data_ptr(), _version(t), t.dtype, t.device) for t in sources
         ) + (float(bn.eps), ct, torch.is_inference_mode_enabled())
         entry = self._entries.get(slot)
         if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], sources)):
@@ -299,7 +306,7 @@ class ScaleShiftCache:
 
     @staticmethod
     def _cacheable(sources, x: Tensor) -> bool:
-        if _tracing():
+        if is_tracing():
             return False
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return False

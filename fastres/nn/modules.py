@@ -63,6 +63,10 @@ class FusedModule(nn.Module):
         self._fastres_cache.clear()
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # in-place copies: unversioned on inference tensors
+        self._fastres_cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def __getstate__(self):  # pickle, deepcopy: never carry cached tensors along
         state = self.__dict__.copy()
         state["_fastres_cache"] = ScaleShiftCache()
