@@ -303,3 +303,55 @@ def test_inference_tensors_manual_edit_needs_clear_cache():
             m.layer1[0].bn1.weight.mul_(-1)
         fastres.nn.clear_cache(fr)
         assert_close(fr(x), tv(x), 1e-4)
+
+
+# ----------------------------------------------------------------------------
+# FX: torch.fx.symbolic_trace and torchvision's feature extraction
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_fx_graph_is_torchvision(name):
+    """Same node names (train and eval graphs), targets and order as torchvision's model."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    tv = getattr(tvm, name)()
+    expected = get_graph_node_names(tv)
+    assert get_graph_node_names(getattr(fm, name)()) == expected
+    assert get_graph_node_names(fastres.convert(tv)) == expected
+    g_tv, g_fr = torch.fx.symbolic_trace(tv).graph, torch.fx.symbolic_trace(getattr(fm, name)()).graph
+    assert [(n.name, n.op, str(n.target)) for n in g_fr.nodes] == [(n.name, n.op, str(n.target)) for n in g_tv.nodes]
+
+
+def test_fx_feature_extraction_matches_eager():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    tv = _tv_resnet()
+    fr = fm.ResNet(fm.resnet.BasicBlock, LAYERS, num_classes=10)
+    fr.load_state_dict(tv.state_dict())
+    fr.eval()
+    nodes = {"layer1": "l1", "layer3.0.relu_1": "l3", "layer4": "l4", "flatten": "pooled", "fc": "logits"}
+    ex_fr, ex_tv = create_feature_extractor(fr, nodes), create_feature_extractor(tv, nodes)
+    traced = torch.fx.symbolic_trace(fr)
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        out_fr, out_tv = ex_fr(x), ex_tv(x)
+        assert set(out_fr) == set(nodes.values())
+        for k in out_fr:
+            assert_close(out_fr[k], out_tv[k], 1e-4, k)
+        assert_close(out_fr["l4"], fr.forward_features(x), 1e-4)
+        assert_close(out_fr["logits"], fr(x), 1e-4)
+        assert_close(traced(x), fr(x), 1e-4)
+
+
+def test_fx_timm_converted_graph_is_timm():
+    timm = pytest.importorskip("timm")
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    tm = timm.create_model("resnet18", num_classes=10).eval()
+    cm = fastres.convert(tm)
+    assert type(cm.layer1[0]) is fastres.nn.TimmBasicBlock
+    assert get_graph_node_names(cm) == get_graph_node_names(tm)
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        assert_close(torch.fx.symbolic_trace(cm)(x), tm(x), 1e-4)
