@@ -210,6 +210,8 @@ def _convert_resnet(m, name, tv_resnet, report, backend):
     new._norm_layer = getattr(m, "_norm_layer", nn.BatchNorm2d)
     new._activation = "relu"
     new._bn_frozen = False
+    if type(m.avgpool) is not nn.AdaptiveAvgPool2d or m.avgpool.output_size not in (1, (1, 1)):
+        new._pool_type = None  # a custom pooling: reset_classifier keeps it unless told otherwise
     new.num_features = _num_features(m)
     new.num_classes = m.fc.out_features if isinstance(m.fc, nn.Linear) else None
     report.converted[_label(name)] = f"{_source_name(tv_resnet)} -> fastres.models.ResNet"

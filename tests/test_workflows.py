@@ -488,3 +488,41 @@ def test_deeplab_on_converted_backbone_float64():
     with torch.no_grad():
         out, expected = cseg(x)["out"], seg(x)["out"]
     assert_close(out, expected, 1e-10)
+
+
+# ----------------------------------------------------------------------------
+# timm's model API on fastres.models.ResNet
+# ----------------------------------------------------------------------------
+
+
+def test_timm_api_matches_timm_resnet():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    tm = randomize_bn(timm.create_model("resnet18", num_classes=10)).eval()
+    fr = fm.resnet18(num_classes=10)
+    fr.load_state_dict(tm.state_dict())  # timm's resnet18 has torchvision's keys
+    fr.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert fr.num_features == tm.num_features == 512
+    assert type(fr.get_classifier()) is type(tm.get_classifier()) is torch.nn.Linear
+
+    def same(what):
+        with torch.no_grad():
+            out, expected = what(fr), what(tm)
+        assert out.shape == expected.shape
+        assert_close(out, expected, 1e-4)
+
+    same(lambda m: m.forward_features(x))
+    same(lambda m: m.forward_head(m.forward_features(x), pre_logits=True))
+    same(lambda m: m(x))
+    for args in [(0, ""), (0, "max"), (0, None), (0, "avg")]:  # None keeps the current pooling
+        fr.reset_classifier(*args), tm.reset_classifier(*args)
+        assert not fr.fc.training
+        same(lambda m: m(x))
+    assert fr(x).shape == (2, 512)
+    fr.reset_classifier(7)
+    assert fr.num_classes == 7 and fr(x).shape == (2, 7)
+    with pytest.raises(ValueError, match="global_pool 'catavgmax'"):
+        fr.reset_classifier(0, "catavgmax")
+    with pytest.raises(ValueError, match="needs num_classes=0"):
+        fr.reset_classifier(3, "")
