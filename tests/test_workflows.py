@@ -6,6 +6,11 @@
   cached tensor in the graph (BN edits after tracing are seen).
 * Models made or changed inside ``torch.inference_mode()`` (inference tensors, which have no
   version counter): every construction path works and the scale/shift cache stays correct.
+* FX: ``torch.fx.symbolic_trace`` and torchvision's feature extraction see torchvision's graph.
+* Frozen BN (torchvision's ``FrozenBatchNorm2d``) and timm's ``BatchNormAct2d``/``FrozenBatchNormAct2d``
+  fused; detection and segmentation models on converted backbones (float64); ``convert`` of a model
+  with nothing to convert warns.
+* timm's classifier API on ``fastres.models.ResNet``.
 """
 import contextlib
 import copy
@@ -20,7 +25,9 @@ import fastres.models as fm
 torchvision = pytest.importorskip("torchvision")
 import torchvision.models as tvm  # noqa: E402
 
-from test_nn import assert_close, randomize_bn  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
+
+from test_nn import Counter, assert_close, randomize_bn  # noqa: E402
 
 SHAPE = (1, 3, 64, 64)
 GRAD_MODES = {
@@ -360,11 +367,6 @@ def test_fx_timm_converted_graph_is_timm():
 # ----------------------------------------------------------------------------
 # Frozen BN and timm's norm + act layers; detection and segmentation models
 # ----------------------------------------------------------------------------
-
-from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
-
-from test_nn import Counter  # noqa: E402
-
 
 def randomize_norms(model, seed=0):
     """randomize_bn, and the buffers of frozen BNs (torchvision's, timm's)."""

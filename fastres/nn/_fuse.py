@@ -347,7 +347,8 @@ class ScaleShiftCache:
     ``train()``/``eval()`` around a training-mode forward that updates running
     statistics. Other in-place edits of inference tensors inside inference
     mode (``bn.running_var.mul_(2)``, ``.data`` edits, a BN's own
-    ``load_state_dict``) are not seen: call ``fastres.nn.clear_cache`` after them.
+    ``load_state_dict``, a training forward after ``bn.train()`` on the BN
+    alone) are not seen: call ``fastres.nn.clear_cache`` after them.
 
     Nothing is cached (the values are recomputed, which is always correct):
 

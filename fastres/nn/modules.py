@@ -311,8 +311,9 @@ def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
 
 def clear_cache(model: nn.Module) -> nn.Module:
     """Drop every cached eval-mode BN scale/shift of ``model`` (only needed after
-    editing BN parameters or buffers through ``.data``, which PyTorch does not
-    version); returns ``model``."""
+    editing BN parameters or buffers through ``.data``, or editing inference
+    tensors in place inside ``inference_mode``: PyTorch versions neither);
+    returns ``model``."""
     for m in fused_modules(model):
         m._fastres_cache.clear()
     return model
