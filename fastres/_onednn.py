@@ -11,7 +11,10 @@ which equals the reference's ``act(conv2d(x, weight) * scale[k] + shift[k] (+ re
 up to fp32 rounding. Used only for fp32 CPU tensors when no gradient is
 needed: these ops have no autograd formula, and folding in a lower precision
 would lose accuracy. silu after a residual add has no oneDNN post-op here and
-takes the reference.
+takes the reference. Never under tracing (``fastres._tracing``) nor for tensor
+subclasses (fake, functional...): these ops have no fake kernel and no
+TorchScript or ONNX form, so a traced graph holds the reference's plain
+``convolution``/``mul``/``add``/``relu`` instead.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from fastres._tracing import is_tracing
 
 _POST_OP = {"relu": "relu", "silu": "swish", "identity": "none"}
 # After the residual add ("binary" post-op) oneDNN's PyTorch binding takes only relu or nothing.
@@ -28,7 +33,9 @@ _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, 
 
 def applies(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str) -> bool:
     """Whether this path computes ``conv_bn_act`` for these inputs."""
-    if not _AVAILABLE or x.device.type != "cpu" or x.dtype != torch.float32:
+    if not _AVAILABLE or type(x) is not Tensor or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if is_tracing():
         return False
     if residual is not None and act not in _POST_BINARY_OP:
         return False
