@@ -22,9 +22,12 @@ Compute dtype: fp32 for fp32; bf16 and fp16 natively where oneDNN supports
 them on this CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` /
 ``_fp16_``), else in fp32 on the upcast input (the output rounded once to
 ``x.dtype``). Used only when no gradient is needed (these ops have no
-autograd formula), never while tracing, and not for silu after a residual add
-(oneDNN's PyTorch binding has no such post-op) or for fp64: those take the
-reference.
+autograd formula), not for silu after a residual add (oneDNN's PyTorch binding
+has no such post-op) or for fp64: those take the reference. Never under
+tracing (``fastres._tracing``) nor for tensor subclasses (fake,
+functional...): these ops have no fake kernel and no TorchScript or ONNX form,
+so a traced graph holds the reference's plain ``convolution``/``mul``/``add``/
+``relu`` instead.
 
 The residual ("binary" add post-op) is fused when the output has more than
 one pixel and is fp32, or channels_last with ``groups == 1``. Otherwise the
@@ -41,7 +44,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastres import _layout, _tracing, reference
+from fastres import _layout, reference
+from fastres._tracing import is_tracing
 
 _POST_OP = {"relu": "relu", "silu": "swish", "identity": "none"}
 # After the residual add ("binary" post-op) oneDNN's PyTorch binding takes only relu or nothing.
@@ -71,11 +75,11 @@ def compute_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
 def usable(x: Tensor, residual: Optional[Tensor], act: str) -> bool:
     """Whether this path can compute ``conv_bn_act`` for ``x`` (device, dtype, post-ops, not tracing);
     the caller also checks that no gradient is needed."""
-    if x.device.type != "cpu" or x.dtype not in _COMPUTE:
+    if type(x) is not Tensor or x.device.type != "cpu" or x.dtype not in _COMPUTE:
         return False
     if residual is not None and act not in _POST_BINARY_OP:
         return False
-    return not _tracing.tracing()
+    return not is_tracing()
 
 
 def applies(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str) -> bool:

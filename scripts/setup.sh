@@ -19,7 +19,7 @@ fi
 
 python -m pip install -q --disable-pip-version-check \
   "torch>=2.5" torchvision triton setuptools wheel ninja nvidia-cutlass \
-  pytest pytest-benchmark expecttest hypothesis numpy tqdm matplotlib timm
+  pytest pytest-benchmark expecttest hypothesis numpy tqdm matplotlib timm onnx onnxruntime onnxscript
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
+from fastres._tracing import is_fx_proxy
 from fastres.nn import modules as _m
 from fastres.nn.modules import BasicBlock, Bottleneck, FusedModule, conv1x1
 
@@ -139,10 +140,17 @@ class ResNet(FusedModule):
     # -- forward ------------------------------------------------------------
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """The feature map before pooling, ``[N, num_features, H/32, W/32]`` (channels_last)."""
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self._conv_bn("bn1", x, self.conv1, self.bn1, self.relu)
+        """The feature map before pooling, ``[N, num_features, H/32, W/32]`` (channels_last).
+
+        Under FX symbolic tracing: torchvision's ``conv1, bn1, relu, maxpool, layer1..4``
+        module by module (the blocks too), so the graph is torchvision's.
+        """
+        if is_fx_proxy(x):
+            x = self.relu(self.bn1(self.conv1(x)))
+        else:
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._conv_bn("bn1", x, self.conv1, self.bn1, self.relu)
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastres import _layout, _onednn, _tracing, ops
+from fastres import _layout, _onednn, ops
 from fastres._checks import check_activation
+from fastres._tracing import is_tracing
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
 _ACTIVATION_FACTORIES = {
@@ -235,6 +236,11 @@ def eval_scale_shift(bn: _BatchNorm, conv_bias: Optional[Tensor], ct: torch.dtyp
     return scale, shift
 
 
+def _version(t: Tensor) -> Optional[int]:
+    """``t``'s autograd version counter; None for an inference tensor, which has none."""
+    return None if t.is_inference() else t._version
+
+
 def _plain(t: Tensor) -> bool:
     """A real tensor whose data_ptr and version counter mean something (not fake, functional, batched)."""
     return type(t) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -269,6 +275,16 @@ class PreparedCache:
     owning modules drop their entries on ``train()``/``eval()`` and ``_apply``
     (``.to``, ``.cuda``...), and :meth:`clear` (or
     ``fastres.nn.clear_cache(model)``) drops them explicitly.
+
+    Inference tensors (a model built, copied, cast or loaded inside
+    ``torch.inference_mode()``) have no version counter. They cannot be edited
+    in place outside inference mode (PyTorch raises), and inside it the
+    in-place edits PyTorch's module API makes are caught: ``load_state_dict``
+    (which copies in place) drops the owning modules' entries, as do
+    ``train()``/``eval()`` around a training-mode forward that updates running
+    statistics. Other in-place edits of inference tensors inside inference
+    mode (``bn.running_var.mul_(2)``, ``.data`` edits, a BN's own
+    ``load_state_dict``) are not seen: call ``fastres.nn.clear_cache`` after them.
 
     Nothing is cached (the form is recomputed, which is always correct):
 
@@ -307,7 +323,7 @@ class PreparedCache:
         if not _cacheable(sources, x):
             return make()
         key = tuple(
-            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
+            None if t is None else (t.data_ptr(), _version(t), t.dtype, t.device) for t in sources
         ) + extra + (torch.is_inference_mode_enabled(),)
         entry = self._entries.get((slot, kind))
         if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], sources)):
@@ -333,7 +349,7 @@ def _nbytes(value) -> int:
 
 
 def _cacheable(sources, x: Tensor) -> bool:
-    if _tracing.tracing():
+    if is_tracing():
         return False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False

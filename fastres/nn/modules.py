@@ -9,6 +9,11 @@ through ``fastres.ops`` (see ``fastres/nn/_fuse.py`` for what runs fused when).
 The activation is whatever module sits at ``relu`` (torchvision's name; timm's
 blocks use ``act1``, ``act2``...): ``nn.ReLU``, ``nn.SiLU`` and ``nn.Identity``
 are fused into the kernels' epilogue, any other module is applied after them.
+
+Under FX symbolic tracing (``torch.fx.symbolic_trace``, torchvision's
+``create_feature_extractor``) each block runs ``_forward_modules``: the forward
+of the block it replaces (torchvision's or timm's), module by module, so the
+traced graph, its node names and its outputs are that library's.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastres._checks import check_backend_name
+from fastres._tracing import is_fx_proxy
 from fastres.nn import _fuse
 from fastres.nn._fuse import PreparedCache, activation_name
 
@@ -62,6 +68,10 @@ class FusedModule(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self._fastres_cache.clear()
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # in-place copies: unversioned on inference tensors
+        self._fastres_cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):  # pickle, deepcopy: never carry cached tensors along
         state = self.__dict__.copy()
@@ -140,6 +150,9 @@ class ConvBNAct(FusedModule):
         return activation_name(self.act)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if is_fx_proxy(x):
+            out = self.bn(self.conv(x))
+            return self.act(out if residual is None else out + residual)
         return self._conv_bn("bn", x, self.conv, self.bn, self.act, residual)
 
 
@@ -187,10 +200,26 @@ class BasicBlock(FusedModule):
         return self.relu, self.relu
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_fx_proxy(x):
+            return self._forward_modules(x)
         act1, act2 = self._acts()
         out = self._conv_bn("bn1", x, self.conv1, self.bn1, act1)
         identity = self._shortcut(x, self.downsample)
         return self._conv_bn("bn2", out, self.conv2, self.bn2, act2, residual=identity)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """torchvision's ``BasicBlock.forward``, module by module."""
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
 
 
 class Bottleneck(FusedModule):
@@ -232,11 +261,30 @@ class Bottleneck(FusedModule):
         return self.relu, self.relu, self.relu
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_fx_proxy(x):
+            return self._forward_modules(x)
         act1, act2, act3 = self._acts()
         out = self._conv_bn("bn1", x, self.conv1, self.bn1, act1)
         out = self._conv_bn("bn2", out, self.conv2, self.bn2, act2)
         identity = self._shortcut(x, self.downsample)
         return self._conv_bn("bn3", out, self.conv3, self.bn3, act3, residual=identity)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """torchvision's ``Bottleneck.forward``, module by module."""
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
 
 
 # ----------------------------------------------------------------------------
@@ -307,7 +355,7 @@ class TimmBasicBlock(BasicBlock):
     """:class:`BasicBlock` with timm's submodule names: ``act1``, ``act2`` instead of
     ``relu`` (plus timm's optional ``drop_block``, ``aa``, ``se``, ``drop_path``,
     absent or ``nn.Identity`` for the fused path; present, the block runs timm's
-    forward unfused). Same arguments as :class:`BasicBlock`."""
+    forward unfused, as under FX tracing). Same arguments as :class:`BasicBlock`."""
 
     def __init__(self, *args, activation: str = "relu", backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(*args, activation=activation, backend=backend, **kwargs)
@@ -320,10 +368,10 @@ class TimmBasicBlock(BasicBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         if any(_present(getattr(self, n, None)) for n in _TIMM_EXTRAS):
-            return self._forward_timm(x)
+            return self._forward_modules(x)
         return super().forward(x)
 
-    def _forward_timm(self, x: Tensor) -> Tensor:
+    def _forward_modules(self, x: Tensor) -> Tensor:
         """timm's ``BasicBlock.forward``, module by module."""
         shortcut = x
         x = self.bn1(self.conv1(x))
@@ -352,10 +400,10 @@ class TimmBottleneck(Bottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         if any(_present(getattr(self, n, None)) for n in _TIMM_EXTRAS):
-            return self._forward_timm(x)
+            return self._forward_modules(x)
         return super().forward(x)
 
-    def _forward_timm(self, x: Tensor) -> Tensor:
+    def _forward_modules(self, x: Tensor) -> Tensor:
         """timm's ``Bottleneck.forward``, module by module."""
         shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))

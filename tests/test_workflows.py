@@ -1,0 +1,357 @@
+"""fastres models in the workflows people run ResNets in (CPU; GPU variants skip without CUDA).
+
+* Inference graphs: ``torch.jit.trace``, ``torch.export``, ``torch.compile(fullgraph=True)`` and
+  ``torch.onnx.export`` (both exporters, run in onnxruntime) of fastres and converted models, in
+  default grad mode, ``no_grad`` and ``inference_mode``: the eager output, no oneDNN op and no
+  cached tensor in the graph (BN edits after tracing are seen).
+* Models made or changed inside ``torch.inference_mode()`` (inference tensors, which have no
+  version counter): every construction path works and the scale/shift cache stays correct.
+"""
+import contextlib
+import copy
+import io
+
+import pytest
+import torch
+
+import fastres
+import fastres.models as fm
+
+torchvision = pytest.importorskip("torchvision")
+import torchvision.models as tvm  # noqa: E402
+
+from test_nn import assert_close, randomize_bn  # noqa: E402
+
+SHAPE = (1, 3, 64, 64)
+GRAD_MODES = {
+    "grad": contextlib.nullcontext,
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+}
+
+
+# A ResNet with one BasicBlock per stage (the stem, plain and downsampling blocks): the structure
+# of resnet18 at half the tracing time, which is what these tests spend.
+LAYERS = [1, 1, 1, 1]
+
+
+def _tv_resnet(seed=0):
+    torch.manual_seed(seed)
+    return randomize_bn(tvm.ResNet(tvm.resnet.BasicBlock, LAYERS, num_classes=10), seed).eval()
+
+
+def _fr_resnet():
+    return fm.ResNet(fm.resnet.BasicBlock, LAYERS, num_classes=10)
+
+
+def _model(kind):
+    """(fastres model, torchvision twin), eval, same weights."""
+    tv = _tv_resnet()
+    if kind == "fastres":
+        fr = _fr_resnet()
+        fr.load_state_dict(tv.state_dict())
+    else:
+        fr = fastres.convert(tv)
+        assert type(fr) is fm.ResNet
+    return fr.eval(), tv
+
+
+def _edit_bn(*models):
+    """An in-place edit of BN statistics (versioned: normal tensors, outside inference mode)."""
+    with torch.no_grad():
+        for m in models:
+            m.layer1[0].bn1.running_var.mul_(4)
+            m.layer3[0].downsample[1].running_mean.add_(1)
+
+
+# ----------------------------------------------------------------------------
+# Inference graphs
+# ----------------------------------------------------------------------------
+
+
+def _trace(model, x):
+    traced = torch.jit.trace(model, x)  # check_trace reruns under no_grad
+    assert "mkldnn" not in str(traced.inlined_graph)
+    return traced
+
+
+def _export(model, x):
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("mkldnn" in t for t in targets), targets
+    assert not ep.constants  # nothing cached was baked in: BN math reads the buffers
+    return ep.module()  # shares the model's parameters and buffers
+
+
+def _compile(model, x):
+    torch._dynamo.reset()
+    # aot_eager: dynamo + AOT autograd on fake tensors, where the oneDNN op had no fake kernel;
+    # inductor's CPU codegen would add minutes of C++ compilation (GPU test below).
+    return torch.compile(model, fullgraph=True, backend="aot_eager")
+
+
+# Every grad mode for a fastres model; a converted model (the same class, built by convert) under no_grad.
+GRAPH_CASES = [("fastres", mode) for mode in GRAD_MODES] + [("converted", "no_grad")]
+
+
+@pytest.mark.parametrize("kind, mode", GRAPH_CASES, ids=[f"{k}-{m}" for k, m in GRAPH_CASES])
+@pytest.mark.parametrize("tool", ["jit_trace", "export", "compile"])
+def test_inference_graph(tool, kind, mode):
+    fr, tv = _model(kind)
+    x = torch.randn(SHAPE)
+    build = {"jit_trace": _trace, "export": _export, "compile": _compile}[tool]
+    with GRAD_MODES[mode]():
+        graph = build(fr, x)
+        assert_close(graph(x), fr(x), 1e-4)
+        assert_close(graph(x), tv(x), 1e-4)
+    _edit_bn(fr, tv)  # nothing stale was captured
+    with GRAD_MODES[mode]():
+        assert_close(graph(x), tv(x), 1e-4)
+
+
+@pytest.mark.parametrize("tool", ["jit_trace", "export", "compile"])
+def test_inference_graph_of_model_built_in_inference_mode(tool):
+    tv = _tv_resnet()
+    with torch.inference_mode():
+        fr = _fr_resnet().eval()
+        fr.load_state_dict(tv.state_dict())
+        assert fr.layer1[0].bn1.running_var.is_inference()
+        x = torch.randn(SHAPE)
+        build = {"jit_trace": _trace, "export": _export, "compile": _compile}[tool]
+        graph = build(fr, x)
+        assert_close(graph(x), tv(x), 1e-4)
+
+
+ONNX_CASES = [(False, mode) for mode in GRAD_MODES] + [(True, "no_grad"), (True, "inference_mode")]
+
+
+@pytest.mark.parametrize(
+    "dynamo, mode", ONNX_CASES, ids=[f"{'dynamo' if d else 'torchscript'}-{m}" for d, m in ONNX_CASES]
+)
+def test_onnx_export_runs_in_onnxruntime(dynamo, mode):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    fr, tv = _model("converted")
+    x = torch.randn(SHAPE)
+    with GRAD_MODES[mode]():
+        if dynamo:
+            proto = torch.onnx.export(fr, (x,), dynamo=True, verbose=False).model_proto
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(fr, (x,), buf, dynamo=False)
+            proto = onnx.load_from_string(buf.getvalue())
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"Conv", "Relu", "Add"} <= ops and all(n.domain in ("", "ai.onnx") for n in proto.graph.node), ops
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(out), tv(x), 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tool", ["compile", "export", "cuda_graph"])
+def test_gpu_inference_mode_resnet50(tool):
+    """A converted ResNet-50 under inference_mode on the GPU: inductor, export, CUDA-graph capture
+    (the model moved to the GPU inside inference_mode: ``.to(device)`` makes inference tensors)."""
+    torch.manual_seed(0)
+    tv = randomize_bn(tvm.resnet50()).eval()
+    fr = fastres.convert(tv)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.inference_mode():
+        tv, fr = tv.cuda(), fr.to("cuda")
+        expected = tv(x)
+        if tool == "compile":
+            torch._dynamo.reset()
+            out = torch.compile(fr, fullgraph=True)(x)
+        elif tool == "export":
+            out = torch.export.export(fr, (x,)).module()(x)
+        else:
+            static_x = x.clone()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fr(static_x)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = fr(static_x)
+            static_x.copy_(x)
+            g.replay()
+        # fp32 on the GPU: TF32 convolutions in both models
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+# ----------------------------------------------------------------------------
+# Models made or changed inside torch.inference_mode()
+# ----------------------------------------------------------------------------
+
+# Every path that leaves inference tensors in a model; `make(model)` runs inside inference_mode
+# on a normally built model (fastres or torchvision) with the reference weights.
+def _pickle(m):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    return buf.getvalue()
+
+
+def _assign(m):
+    with torch.inference_mode(False):  # a model built normally, then loaded with assign=True
+        fresh = type(m)(fm.resnet.BasicBlock if type(m) is fm.ResNet else tvm.resnet.BasicBlock, LAYERS,
+                        num_classes=10)
+    fresh.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    return fresh
+
+
+INFERENCE_PATHS = {
+    "construct": None,  # constructor + load_state_dict inside inference_mode
+    "convert": "convert",
+    "deepcopy": copy.deepcopy,
+    "half": lambda m: copy.deepcopy(m).half(),
+    "bfloat16": lambda m: copy.deepcopy(m).bfloat16(),
+    "double": lambda m: copy.deepcopy(m).double(),
+    "torch_load": "torch_load",
+    "load_state_dict_assign": _assign,
+}
+_DTYPE = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+
+
+def _made_in_inference_mode(path, tv, fr_src, pickled):
+    """(fastres model, torchvision twin) made by ``path`` inside inference_mode."""
+    make = INFERENCE_PATHS[path]
+    with torch.inference_mode():
+        if path == "construct":
+            fr, tv2 = _fr_resnet(), tvm.ResNet(tvm.resnet.BasicBlock, LAYERS, num_classes=10)
+            fr.load_state_dict(tv.state_dict())
+            tv2.load_state_dict(tv.state_dict())
+        elif path == "convert":
+            fr, tv2 = fastres.convert(tv), copy.deepcopy(tv)
+        elif path == "torch_load":
+            fr, tv2 = (torch.load(io.BytesIO(b), weights_only=False) for b in pickled)
+        else:
+            fr, tv2 = make(fr_src), make(tv)
+    return fr.eval(), tv2.eval()
+
+
+@pytest.mark.parametrize("path", list(INFERENCE_PATHS))
+def test_model_made_in_inference_mode(path):
+    tv = _tv_resnet()
+    fr_src = _fr_resnet()
+    fr_src.load_state_dict(tv.state_dict())
+    fr_src.eval()
+    pickled = (_pickle(fr_src), _pickle(tv)) if path == "torch_load" else None
+    fr, tv2 = _made_in_inference_mode(path, tv, fr_src, pickled)
+    assert fr.layer1[0].bn1.running_var.is_inference() and fr.conv1.weight.is_inference()
+    dtype = _DTYPE.get(path, torch.float32)
+    assert fr.conv1.weight.dtype == dtype
+    x = torch.randn(SHAPE, dtype=dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        # the reference: the same fastres model cast outside inference mode (same kernels)
+        ref = copy.deepcopy(fr_src).to(dtype)
+        rtol = 1e-6
+    else:
+        ref, rtol = tv2, (1e-4 if dtype == torch.float32 else 1e-10)
+    block = fr.layer1[0]
+
+    def check():
+        for ctx in (torch.no_grad, torch.inference_mode, torch.no_grad):  # cached entries of both
+            with ctx():
+                assert_close(fr(x).double(), ref(x).double(), rtol)
+
+    check()
+    assert len(block._fastres_cache) > 0  # the cache is in use
+    # PyTorch forbids in-place edits of inference tensors outside inference mode ...
+    with torch.no_grad(), pytest.raises(RuntimeError, match="[Ii]nference"):
+        block.bn1.running_var.mul_(2)
+    # ... and load_state_dict, which copies in place (unversioned inside inference mode), drops the cache.
+    new = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _tv_resnet(seed=1).state_dict().items()}
+    with torch.inference_mode():
+        fr.load_state_dict(new)
+        ref.load_state_dict(new)
+    check()
+
+
+def test_inference_tensors_train_forward_then_eval():
+    """A training-mode forward inside inference_mode updates running statistics (unversioned);
+    ``eval()`` drops the cache."""
+    tv = _tv_resnet()
+    with torch.inference_mode():
+        fr = _fr_resnet()
+        fr.load_state_dict(tv.state_dict())
+        fr.eval()
+        x = torch.randn(4, 3, 32, 32)
+        fr(x)
+        fr.train()
+        tv.train()
+        fr(x), tv(x)
+        fr.eval()
+        tv.eval()
+        assert_close(fr(x), tv(x), 1e-4)
+
+
+def test_inference_tensors_manual_edit_needs_clear_cache():
+    """The documented gap: a manual in-place edit of an inference tensor inside inference_mode is
+    not versioned; ``fastres.nn.clear_cache`` makes the model see it."""
+    tv = _tv_resnet()
+    with torch.inference_mode():
+        fr = fastres.convert(tv)
+        x = torch.randn(SHAPE)
+        assert_close(fr(x), tv(x), 1e-4)
+        for m in (fr, tv):
+            m.layer1[0].bn1.running_var.mul_(4)
+            m.layer1[0].bn1.weight.mul_(-1)
+        fastres.nn.clear_cache(fr)
+        assert_close(fr(x), tv(x), 1e-4)
+
+
+# ----------------------------------------------------------------------------
+# FX: torch.fx.symbolic_trace and torchvision's feature extraction
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_fx_graph_is_torchvision(name):
+    """Same node names (train and eval graphs), targets and order as torchvision's model."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    tv = getattr(tvm, name)()
+    expected = get_graph_node_names(tv)
+    assert get_graph_node_names(getattr(fm, name)()) == expected
+    assert get_graph_node_names(fastres.convert(tv)) == expected
+    g_tv, g_fr = torch.fx.symbolic_trace(tv).graph, torch.fx.symbolic_trace(getattr(fm, name)()).graph
+    assert [(n.name, n.op, str(n.target)) for n in g_fr.nodes] == [(n.name, n.op, str(n.target)) for n in g_tv.nodes]
+
+
+def test_fx_feature_extraction_matches_eager():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    tv = _tv_resnet()
+    fr = fm.ResNet(fm.resnet.BasicBlock, LAYERS, num_classes=10)
+    fr.load_state_dict(tv.state_dict())
+    fr.eval()
+    nodes = {"layer1": "l1", "layer3.0.relu_1": "l3", "layer4": "l4", "flatten": "pooled", "fc": "logits"}
+    ex_fr, ex_tv = create_feature_extractor(fr, nodes), create_feature_extractor(tv, nodes)
+    traced = torch.fx.symbolic_trace(fr)
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        out_fr, out_tv = ex_fr(x), ex_tv(x)
+        assert set(out_fr) == set(nodes.values())
+        for k in out_fr:
+            assert_close(out_fr[k], out_tv[k], 1e-4, k)
+        assert_close(out_fr["l4"], fr.forward_features(x), 1e-4)
+        assert_close(out_fr["logits"], fr(x), 1e-4)
+        assert_close(traced(x), fr(x), 1e-4)
+
+
+def test_fx_timm_converted_graph_is_timm():
+    timm = pytest.importorskip("timm")
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    tm = timm.create_model("resnet18", num_classes=10).eval()
+    cm = fastres.convert(tm)
+    assert type(cm.layer1[0]) is fastres.nn.TimmBasicBlock
+    assert get_graph_node_names(cm) == get_graph_node_names(tm)
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        assert_close(torch.fx.symbolic_trace(cm)(x), tm(x), 1e-4)
