@@ -98,6 +98,7 @@ class Prepared(NamedTuple):
     bias_binary: Tensor  # shift in `dtype` (the binary post-op needs the input's dtype)
     dtype: torch.dtype  # compute dtype
     channels_last: bool  # output format (F.conv2d's rule for the original x and weight)
+    conv: tuple  # (padding, stride, dilation, groups) as oneDNN's ops take them
 
     def nbytes(self) -> int:
         """Bytes of this prepared copy (the prepacked weight counted at its dense size)."""
@@ -129,19 +130,13 @@ def prepare(
     else:
         folded = folded.contiguous()
     bias = shift.float().contiguous()
-    return Prepared(folded, bias, bias if dtype == torch.float32 else bias.to(dtype), dtype, channels_last)
+    conv = (list(padding), list(stride), list(dilation), groups)
+    return Prepared(folded, bias, bias if dtype == torch.float32 else bias.to(dtype), dtype, channels_last, conv)
 
 
-def matches(p: Prepared, x: Tensor, weight: Tensor) -> bool:
-    """Whether ``p`` was prepared for inputs of ``x``'s compute dtype and output format."""
-    return p.dtype == _COMPUTE[x.dtype] and p.channels_last == _layout.conv_out_channels_last(x, weight)
-
-
-def run(
-    p: Prepared, x: Tensor, residual: Optional[Tensor],
-    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, act: str,
-) -> Tensor:
-    """``act(conv2d(x, folded) + shift (+ residual))`` in ``x.dtype`` and F.conv2d's memory format."""
+def run(p: Prepared, x: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
+    """``act(conv2d(x, folded) + shift (+ residual))`` in ``x.dtype`` and F.conv2d's memory format,
+    for an ``x`` like the one ``p`` was prepared for (its compute dtype and output format)."""
     out_dtype = x.dtype
     if x.dtype != p.dtype:
         x = x.to(p.dtype)
@@ -150,11 +145,11 @@ def run(
             x = x.contiguous(memory_format=torch.channels_last)
     elif not x.is_contiguous():
         x = x.contiguous()
-    args = (list(padding), list(stride), list(dilation), groups)
+    args = p.conv
     if residual is None:
         y = torch.ops.mkldnn._convolution_pointwise(x, p.weight, p.bias, *args, _POST_OP[act], [], "")
         return y if y.dtype == out_dtype else y.to(out_dtype)
-    if (p.dtype == torch.float32 or (p.channels_last and groups == 1)) and residual.shape[2] * residual.shape[3] > 1:
+    if (p.dtype == torch.float32 or (p.channels_last and args[3] == 1)) and residual.shape[2] * residual.shape[3] > 1:
         r = residual.to(p.dtype)
         r = r.contiguous(memory_format=torch.channels_last if p.channels_last else torch.contiguous_format)
         y = torch.ops.mkldnn._convolution_pointwise.binary(
@@ -171,4 +166,4 @@ def conv_bn_act(
 ) -> Tensor:
     """One call, prepared for it (``fastres.ops.conv_bn_act``'s oneDNN path)."""
     p = prepare(x, weight, scale, shift, stride, padding, dilation, groups, pack=False)
-    return run(p, x, residual, stride, padding, dilation, groups, act)
+    return run(p, x, residual, act)

@@ -213,7 +213,7 @@ def test_conv_bn_act_cpu_onednn_residual_on_one_pixel(dtype, n):
             ref = fastres.reference.conv_bn_act(xx, w, scale, shift, rr, (1, 1), (0, 0), (1, 1), 1, "relu")
             for pack in (False, True):
                 prep = fastres._onednn.prepare(xx, w, scale, shift, (1, 1), (0, 0), (1, 1), 1, pack=pack)
-                out = fastres._onednn.run(prep, xx, rr, (1, 1), (0, 0), (1, 1), 1, "relu")
+                out = fastres._onednn.run(prep, xx, rr, "relu")
                 torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
 
 

@@ -395,11 +395,13 @@ def _fits(x: Tensor, weight: Tensor, residual: Optional[Tensor], stride, padding
     """Whether the conv is well-formed for ``x`` (else ``fastres.ops`` raises the error that says why)."""
     if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups or x.shape[0] == 0:
         return False
-    out = [x.shape[0], weight.shape[0]] + [
-        _layout.conv_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)
-    ]
-    if min(out[2:]) < 1:
-        return False
+    xs, ws = x.shape, weight.shape
+    out = [xs[0], ws[0]]
+    for i in (0, 1):
+        size = _layout.conv_out_size(xs[2 + i], ws[2 + i], stride[i], padding[i], dilation[i])
+        if size < 1:
+            return False
+        out.append(size)
     return residual is None or (
         list(residual.shape) == out and residual.dtype == x.dtype and residual.device == x.device
     )
@@ -448,9 +450,10 @@ def _eval_conv_bn_act(
             scale, shift = eval_scale_shift(bn, conv.bias, torch.float32)
             return _onednn.prepare(x, weight, scale, shift, stride, padding, dilation, groups)
 
-        form = (float(bn.eps), x.dtype, _layout.conv_out_channels_last(x, weight), stride, padding, dilation, groups)
+        # The weight's own layout is part of its identity (a new layout is a new storage).
+        form = (float(bn.eps), x.dtype, _layout.suggests_channels_last(x), stride, padding, dilation, groups)
         p = make() if cache is None else cache.get(slot, "onednn", sources, form, make, x)
-        return _onednn.run(p, x, residual, stride, padding, dilation, groups, act)
+        return _onednn.run(p, x, residual, act)
     if cache is None:
         scale, shift = eval_scale_shift(bn, conv.bias, compute_dtype(x.dtype))
         weight = _cast(weight, low)
