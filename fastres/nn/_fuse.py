@@ -306,9 +306,9 @@ class PreparedCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def nbytes(self, kind: str) -> int:
-        """Bytes held by the cached values of ``kind`` (resident memory of the prepared copies)."""
-        return sum(_nbytes(entry[3]) for (_, k), entry in self._entries.items() if k == kind)
+    def nbytes(self, kind: Optional[str] = None) -> int:
+        """Bytes held by the cached values (of ``kind``; all when None): the prepared copies' resident memory."""
+        return sum(_nbytes(entry[3]) for (_, k), entry in self._entries.items() if kind in (None, k))
 
     def get(self, slot: str, kind: str, sources: Tuple[Optional[Tensor], ...], extra: tuple,
             make: Callable[[], Any], x: Tensor):
