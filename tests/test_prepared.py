@@ -229,3 +229,18 @@ def test_accuracy_rule_against_torchvision(dtype, bn):
         tv_err = max_rel_err(tv.to(dtype)(x.to(dtype)), exact)
         fr_err = max_rel_err(fr.to(dtype)(x.to(dtype)), exact)
     assert fr_err <= 1.5 * tv_err, (fr_err, tv_err)
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_resnet_with_one_pixel_layer4(dtype):
+    """ResNet-18 at 32x32: layer4 runs on 1x1 maps with a residual (the binary post-op's
+    failing case on torch 2.11), fp32 and bf16, batch 1 and 2."""
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet18()).eval()
+    fr = fastres.convert(copy.deepcopy(tv)).to(dtype).to(memory_format=CL)
+    for n in (1, 2):
+        x = torch.randn(n, 3, 32, 32)
+        with torch.no_grad():
+            err = max_rel_err(fr(x.to(dtype).contiguous(memory_format=CL)), tv(x))
+        assert err < (1e-5 if dtype == torch.float32 else 5e-2), err
