@@ -10,7 +10,7 @@ from torch import nn
 import fastres
 from fastres import _onednn
 from fastres.nn import ConvBNAct, _fuse
-from conftest import kernel_backends
+from conftest import DEVICE, kernel_backends
 
 CL = torch.channels_last
 
@@ -40,12 +40,14 @@ FORMS = {
     "onednn_autocast_bf16": (torch.float32, torch.float32, CL, None, torch.bfloat16, {"onednn"}),
     "reference_fp64": (torch.float64, torch.float64, CL, None, None, {"scale_shift", "weight"}),
     "triton": (torch.float32, torch.float32, CL, "triton", None, {"scale_shift", "weight"}),
+    "cuda": (torch.bfloat16, torch.bfloat16, CL, "cuda", None, {"scale_shift", "weight"}),
 }
-TRITON_SKIP = kernel_backends("conv_bn_act")[0].marks
+# The kernel backends run on DEVICE (CPU tensors under the Triton interpreter when there is no GPU).
+SKIP = {p.id: p.marks for p in kernel_backends("conv_bn_act")}
 
 
 def _form_params():
-    return [pytest.param(k, id=k, marks=TRITON_SKIP if k == "triton" else ()) for k in FORMS]
+    return [pytest.param(k, id=k, marks=SKIP.get(k, ())) for k in FORMS]
 
 
 class Setup:
@@ -55,26 +57,28 @@ class Setup:
         m = randomize_bn(ConvBNAct(3, 4, 3, bias=True, backend=backend))
         with torch.no_grad():
             m.conv.weight.normal_()  # outputs of a few units: every edit below shows
-        self.m = m.to(self.mdtype).eval()
-        self.x = torch.randn(2, 3, 6, 5).to(self.xdtype).contiguous(memory_format=self.fmt)
+        self.device = DEVICE if backend in ("triton", "cuda") else torch.device("cpu")
+        self.m = m.to(self.device, self.mdtype).eval()
+        self.x = torch.randn(2, 3, 6, 5).to(self.device, self.xdtype).contiguous(memory_format=self.fmt)
         low = self.autocast is not None or self.xdtype in (torch.bfloat16, torch.float16)
         self.rtol = 2e-2 if low else 1e-5
 
     def run(self, m=None):
         m = self.m if m is None else m
-        with torch.no_grad(), torch.autocast("cpu", self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        with torch.no_grad(), torch.autocast(self.device.type, self.autocast or torch.bfloat16,
+                                             enabled=self.autocast is not None):
             return m(self.x)
 
     def expected(self):
         """The unfused modules in fp64 (they share every parameter with the fused module)."""
-        ref = copy.deepcopy(nn.Sequential(self.m.conv, self.m.bn, self.m.act)).double()
+        ref = copy.deepcopy(nn.Sequential(self.m.conv, self.m.bn, self.m.act)).cpu().double()
         with torch.no_grad():
-            return ref(self.x.double())
+            return ref(self.x.cpu().double())
 
     def check(self):
         out = self.run()
         assert out.dtype == (self.autocast or self.xdtype)
-        err = max_rel_err(out, self.expected())
+        err = max_rel_err(out.cpu(), self.expected())
         assert err <= self.rtol, f"stale or wrong: max error {err:.3g} relative to the output's max"
 
     def values(self):
@@ -83,7 +87,7 @@ class Setup:
 
 def test_forms_prepared_once_and_reused():
     for form in FORMS:
-        if form == "triton" and TRITON_SKIP:
+        if SKIP.get(form):
             continue
         s = Setup(form)
         s.check()
@@ -117,7 +121,7 @@ def test_prepared_forms_never_stale(form, edit):
         elif edit == "eps":
             m.bn.eps = 0.5
         elif edit == "load_state_dict":
-            other = randomize_bn(ConvBNAct(3, 4, 3, bias=True), seed=5).to(s.mdtype)
+            other = randomize_bn(ConvBNAct(3, 4, 3, bias=True), seed=5).to(s.device, s.mdtype)
             m.load_state_dict(other.state_dict())
         elif edit == "new_parameter":
             m.conv.weight = nn.Parameter(torch.randn_like(m.conv.weight))
@@ -131,7 +135,7 @@ def test_prepared_forms_never_stale(form, edit):
             m.bn.running_mean.add_(1)  # a normal tensor edited in inference mode: versioned
     if edit == "optimizer_step":
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        with torch.autocast("cpu", s.autocast or torch.bfloat16, enabled=s.autocast is not None):
+        with torch.autocast(s.device.type, s.autocast or torch.bfloat16, enabled=s.autocast is not None):
             m(s.x).float().sum().backward()  # grad mode, parameters require grad: nothing cached
         opt.step()
     if edit == "train_eval":
@@ -198,11 +202,11 @@ def test_resident_memory_is_one_prepared_copy():
     assert weight_bytes <= prepared <= weight_bytes + bias_bytes
 
 
-@pytest.mark.parametrize("backend", kernel_backends("conv_bn_act")[:1])
+@pytest.mark.parametrize("backend", kernel_backends("conv_bn_act"))
 def test_kernels_get_a_channels_last_weight_prepared_once(backend, monkeypatch):
     """The kernels read the weight as KRSC: a channels_last weight is that already (their
     ``permute(0, 2, 3, 1).contiguous()`` copies nothing), prepared once per conv."""
-    s = Setup("triton")
+    s = Setup(backend)
     seen = []
     monkeypatch.setattr(fastres.ops, "conv_bn_act", lambda x, w, *a, f=fastres.ops.conv_bn_act, **k: seen.append(w) or f(x, w, *a, **k))
     s.check()
