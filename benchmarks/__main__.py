@@ -18,8 +18,10 @@ models and training (torch.compile rows for ResNet-50 only), kernels at batch 64
 (the 8 most repeated convs of ResNet-50, the largest and smallest shape of each
 elementwise variant); main dtype bf16; an estimated 4-5 minutes on an H100
 (not measured yet), mostly compilation. Quick, CPU: ops, conv and models;
-ResNet-50 and ResNet-18 at batch 8, fp32, two elementwise and two conv cases;
-under a minute on 2 cores.
+ResNet-50 at batch 1 and 8 in fp32 and (where oneDNN has bf16) bf16, each against
+torch.compile with inductor's freezing (compile time reported apart), plus the
+host-overhead case (ResNet-50 at 1x3x16x16); two elementwise and two conv cases;
+several minutes on 2 cores, mostly compilation.
 ``--full``: ResNet-18/34/50/101/152 over batches 1-256 (CPU: 1, 8, 16), every
 conv and activation shape of ResNet-18 and -50 at two batch sizes, torch.compile
 max-autotune too (ResNet-50 only: it takes minutes per compile).
@@ -60,8 +62,11 @@ def parse_args(argv=None):
     parser.add_argument("--providers", nargs="+", metavar="SUBSTR",
                         help="only providers whose name contains one of these (baselines are kept)")
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile providers")
-    parser.add_argument("--compile-modes", nargs="+", choices=["default", "max-autotune"],
-                        help="torch.compile modes of the model suite")
+    parser.add_argument("--compile-modes", nargs="+", choices=["default", "max-autotune", "freezing"],
+                        help="torch.compile modes of the model suite (freezing: inductor's CPU freezing, "
+                        "the CPU default)")
+    parser.add_argument("--no-host-overhead", action="store_true",
+                        help="CPU: skip the host-overhead case (ResNet-50 at 1x3x16x16)")
     parser.add_argument("--time-limit", type=float, metavar="S",
                         help="stop starting new measurements after S seconds; what was measured is written")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
@@ -92,6 +97,7 @@ def build_config(args) -> Config:
         cfg.compile_modes = list(args.compile_modes)
     if args.no_compile:
         cfg.compile_modes = []
+    cfg.host_overhead = not args.no_host_overhead
     cfg.providers = list(args.providers or [])
     cfg.time_limit_s = args.time_limit
     cfg.cudnn_benchmark = not args.no_cudnn_benchmark
@@ -131,7 +137,7 @@ def run_suite(suite: str, cfg: Config, device: torch.device, peaks: dict, budget
 
     dtype = getattr(torch, cfg.dtype)
     if suite in ("ops", "conv"):
-        compile_ok = bool(cfg.compile_modes)
+        compile_ok = any(m != "freezing" for m in cfg.compile_modes)  # freezing is a model-suite mode
         keep = (lambda name: _keep(name, cfg)) if cfg.providers else None
         kcs = config.kernel_cases(cfg, suite)
         total = sum(len([n for n in cases.provider_names(c, device, compile=compile_ok)
@@ -152,12 +158,20 @@ def run_suite(suite: str, cfg: Config, device: torch.device, peaks: dict, budget
             provs = bench_models.eval_providers(device, dtype, compile_modes=modes, full=cfg.full)
             return [p for p in provs if _keep(p.name, cfg, p.name == "tv-eager")]
 
+        host = cfg.host_overhead and device.type == "cpu"
         total = sum(len(providers_for(a, b)) for a in cfg.model_archs for b in cfg.model_batches)
+        total += len(bench_models.host_overhead_providers(device)) if host else 0
         bar = _progress(total, "models")
         try:
-            return bench_models.run_eval(cfg.model_archs, cfg.model_batches, device, providers_for,
+            rows = bench_models.run_eval(cfg.model_archs, cfg.model_batches, device, providers_for,
                                          image_size=cfg.image_size, trials=trials, trial_ms=cfg.trial_ms,
                                          progress=bar, budget=budget, skipped=skipped)
+            if host:  # ResNet-50 at 1x3x16x16: the per-layer host cost, with negligible arithmetic
+                rows += bench_models.run_eval(["resnet50"], [1], device,
+                                              lambda a, b: bench_models.host_overhead_providers(device),
+                                              image_size=16, trials=max(trials, 20), trial_ms=cfg.trial_ms,
+                                              progress=bar, budget=budget, skipped=skipped)
+            return rows
         finally:
             if bar is not None:
                 bar.close()

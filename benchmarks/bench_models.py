@@ -18,6 +18,8 @@ Eval providers (:func:`eval_providers`):
 ``tv-cudagraph``             (GPU) torchvision eager captured in one CUDA graph
 ``tv-compile``               ``torch.compile(model)`` (mode default)
 ``tv-compile-max-autotune``  ``torch.compile(model, mode="max-autotune")`` (it uses CUDA graphs)
+``tv-compile-freezing``      (CPU) ``torch.compile(model, options={"freezing": True})``: inductor
+                             folds BN and prepacks oneDNN weights (fp32, and bf16 where oneDNN has it)
 ``fastres-<backend>``        ``fastres.convert(model, backend=...)`` for each usable backend
 ``fastres-auto``             (GPU) ``fastres.convert(model)``: ``backend=None``, the per-shape choice of
                              ``fastres.tune`` (the row says which backends ran, and the tuning time)
@@ -108,9 +110,14 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
         out = [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", f32, cl),
                ModelProvider("tv-fx-fuse", f32, cl)]
         out += [ModelProvider(f"fastres-{b}", f32, cl, b) for b in eval_backends(device)]
-        out += [ModelProvider("tv-compile" if m == "default" else f"tv-compile-{m}", f32, cl) for m in compile_modes]
-        if compile_modes:
+        out += [ModelProvider(_compile_name(m), f32, cl) for m in compile_modes]
+        if "default" in compile_modes:
             out.append(ModelProvider("fastres-compile", f32, cl, eval_backends(device)[0]))
+        if cpu_bf16():  # bf16 where oneDNN has it (AVX512-BF16/AMX), against the same baselines
+            bf16 = torch.bfloat16
+            out += [ModelProvider("tv-eager", bf16, cl)]
+            out += [ModelProvider(f"fastres-{b}", bf16, cl, b) for b in eval_backends(device)]
+            out += [ModelProvider(_compile_name(m), bf16, cl) for m in compile_modes if m != "default"]
         return out
     # Most telling first, so that a --time-limit cuts the least important rows.
     # backend None: the per-shape choice of fastres.tune (measured by fastres-auto, the first fastres
@@ -120,7 +127,7 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
     out += [ModelProvider("fastres-auto", dtype, cl, None)]
     out += [ModelProvider(f"fastres-{b}", dtype, cl, b) for b in eval_backends(device)]
     out += [ModelProvider("tv-cudagraph", dtype, cl), ModelProvider("fastres-cudagraph", dtype, cl, best)]
-    out += [ModelProvider("tv-compile" if m == "default" else f"tv-compile-{m}", dtype, cl) for m in compile_modes]
+    out += [ModelProvider(_compile_name(m), dtype, cl) for m in compile_modes]
     if "default" in compile_modes:
         out.append(ModelProvider("fastres-compile", dtype, cl, best))
     other = _other16(dtype)
@@ -129,6 +136,24 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
         if full:
             out.append(ModelProvider("fastres-auto", other, cl, best))
     return out
+
+
+def _compile_name(mode: str) -> str:
+    return "tv-compile" if mode == "default" else f"tv-compile-{mode}"
+
+
+def cpu_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (else bf16 rows are left out)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def host_overhead_providers(device: torch.device) -> List[ModelProvider]:
+    """The host-overhead case (CPU, ResNet-50 at 1x3x16x16): torchvision channels_last eager
+    and fastres, fp32 (and bf16), where the arithmetic is negligible."""
+    cl = "channels_last"
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_bf16() else [])
+    return [ModelProvider(name, dt, cl, backend) for dt in dtypes
+            for name, backend in (("tv-eager", None), *((f"fastres-{b}", b) for b in eval_backends(device)))]
 
 
 def train_providers(device: torch.device, dtype: torch.dtype) -> List[ModelProvider]:
@@ -260,6 +285,7 @@ class _Prepared:
     first_s: float  # the first call: compilation, capture, autotuning
     logits: torch.Tensor  # the first call's logits, fp32
     keep: tuple = ()  # objects the fn needs alive (model, graph, optimizer)
+    extra: Optional[dict] = None  # more columns for the row (weights_mib, prepared_mib)
 
 
 def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, device: torch.device) -> _Prepared:
@@ -269,7 +295,11 @@ def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, devi
         fwd, graph = model, None
         if p.compile_mode is not None:
             torch._dynamo.reset()
-            fwd = torch.compile(model, mode=None if p.compile_mode == "default" else p.compile_mode, dynamic=False)
+            if p.compile_mode == "freezing":  # inductor's CPU path: BN folded, oneDNN weights prepacked
+                fwd = torch.compile(model, dynamic=False, options={"freezing": True})
+            else:
+                fwd = torch.compile(model, mode=None if p.compile_mode == "default" else p.compile_mode,
+                                    dynamic=False)
         t0 = time.perf_counter()
         if p.cudagraph:
             replay, graph = _cuda_graph(model, xin)
@@ -284,7 +314,12 @@ def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, devi
         with torch.no_grad():
             return replay() if graph is not None else fwd(xin)
 
-    return _Prepared(forward, first_s, y, (model, fwd, graph, xin))
+    extra = {"weights_mib": sum(t.numel() * t.element_size() for t in model.parameters()) / MiB}
+    if p.fastres:  # what fastres prepared from the weights (folded, prepacked...), resident with them
+        import fastres
+
+        extra["prepared_mib"] = sum(m._fastres_cache.nbytes() for m in fastres.nn.modules.fused_modules(model)) / MiB
+    return _Prepared(forward, first_s, y, (model, fwd, graph, xin), extra)
 
 
 def _setup_train(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels: torch.Tensor,
@@ -377,7 +412,8 @@ def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch
                     torch.cuda.reset_peak_memory_stats(device)
                     t = time_iterations(prep.fn, device, trials=trials, trial_ms=trial_ms, warmup=2)
                     t["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / MiB
-                    measured.append((p, {**t, "first_call_s": prep.first_s, **choices}, prep.logits))
+                    measured.append((p, {**t, "first_call_s": prep.first_s, **(prep.extra or {}), **choices},
+                                     prep.logits))
                 except Exception as e:  # noqa: BLE001 - a provider failing (OOM, no backend) is reported
                     skip(p, _skip_reason(e))
                 prep = None
@@ -388,7 +424,7 @@ def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch
             if prepared:
                 stats = bench_interleaved({p.key: v.fn for p, v in prepared.items()}, warmup=1, min_reps=trials)
                 for p, v in prepared.items():
-                    measured.append((p, {**stats[p.key], "first_call_s": v.first_s}, v.logits))
+                    measured.append((p, {**stats[p.key], "first_call_s": v.first_s, **(v.extra or {})}, v.logits))
                     if progress is not None:
                         progress.update(1)
                 prepared.clear()

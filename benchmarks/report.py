@@ -42,11 +42,12 @@ def _compile_s(row) -> str:
 
 
 MODEL_COLUMNS: List[Column] = [
-    ("arch", "model", _fmt("{}")), ("batch", "batch", _fmt("{}")), ("provider", "provider", _fmt("{}")),
+    ("arch", "model", _fmt("{}")), ("image_size", "px", _fmt("{}")), ("batch", "batch", _fmt("{}")),
+    ("provider", "provider", _fmt("{}")),
     ("dtype", "dtype", _fmt("{}")), ("layout", "layout", _fmt("{}")),
     ("images_per_s", "img/s", _fmt("{:.1f}")), ("ms", "ms/batch", _fmt("{:.3g}")),
     ("", "p20-p80", _range), ("peak_mem_mib", "peak MiB", _fmt("{:.0f}")),
-    ("", "compile/capture s", _compile_s),
+    ("prepared_mib", "prepared MiB", _fmt("{:.1f}")), ("", "compile/capture s", _compile_s),
     ("conv_backends", "conv backends", _fmt("{}")), ("tune_s", "tuning s", _fmt("{:.1f}")),
     ("max_abs_err", "max abs err", _fmt("{:.2e}")), ("rel_l2_err", "rel-L2 err", _fmt("{:.2e}")),
     ("speedup_vs_tv_fp32", "vs tv fp32", _fmt("{:.2f}x")), ("speedup_vs_tv_same", "vs tv same dtype", _fmt("{:.2f}x")),
@@ -204,6 +205,7 @@ def evaluate_targets(result: dict) -> List[dict]:
     models = [r for r in rows if r.get("suite") == "models"]
     out: List[dict] = []
     if device_type == "cpu":
+        host = [r for r in models if r.get("image_size") == 16]
         models = [r for r in models if r.get("image_size", 224) == 224]
         fast = _find(models, arch="resnet50", batch=8, provider="fastres-torch", dtype="float32")
         out.append(_ratio_target(
@@ -212,12 +214,49 @@ def evaluate_targets(result: dict) -> List[dict]:
         out.append(_ratio_target(
             "CPU: ResNet-50 eval, batch 8, fastres vs torchvision channels_last + fx fuse", ">= 1.00x", "issue", fast,
             _find(models, arch="resnet50", batch=8, provider="tv-fx-fuse", dtype="float32"), 1.0))
+        out += _cpu_prepared_targets(models, host)
     for suite in ("models", "train"):
         acc = _accuracy_target(rows, suite)
         if acc:
             out.append(acc)
     if device_type == "cuda":
         out += _gpu_goals(rows)
+    return out
+
+
+def _cpu_prepared_targets(models: List[dict], host: List[dict]) -> List[dict]:
+    """Issue 13's CPU targets: ResNet-50 fastres (no compile step) against torch.compile with
+    freezing and torchvision channels_last eager per dtype and batch, the host overhead, accuracy."""
+    out = []
+    for dtype in ("float32", "bfloat16"):
+        for batch in (1, 8):
+            fast = _find(models, arch="resnet50", batch=batch, provider="fastres-torch", dtype=dtype)
+            if fast is None:
+                continue
+            for base, label in (("tv-compile-freezing", "torch.compile(freezing)"), ("tv-eager", "torchvision CL eager")):
+                out.append(_ratio_target(
+                    f"CPU: ResNet-50 eval {dtype} batch {batch}, fastres vs {label}", ">= 1.00x", "issue 13", fast,
+                    _find(models, arch="resnet50", batch=batch, provider=base, dtype=dtype, layout="channels_last"),
+                    1.0))
+            tv = _find(models, arch="resnet50", batch=batch, provider="tv-eager", dtype=dtype, layout="channels_last")
+            if dtype != "float32" and tv is not None:
+                ratio = fast["rel_l2_err"] / tv["rel_l2_err"]
+                out.append({"name": f"CPU: ResNet-50 {dtype} batch {batch} logits error vs torchvision's",
+                            "goal": "<= 1.5x", "value": f"{ratio:.2f}x ({fast['rel_l2_err']:.2e} vs "
+                            f"{tv['rel_l2_err']:.2e} rel-L2)", "ratio": ratio,
+                            "status": "met" if ratio <= 1.5 else "NOT met", "source": "issue 13"})
+            elif dtype == "float32":
+                err = fast["rel_l2_err"]
+                out.append({"name": f"CPU: ResNet-50 fp32 batch {batch} logits rel-L2 error", "goal": "< 1e-4",
+                            "value": f"{err:.2e}", "status": "met" if err < 1e-4 else "NOT met",
+                            "source": "issue 13"})
+    for dtype in ("float32", "bfloat16"):
+        fast = _find(host, arch="resnet50", provider="fastres-torch", dtype=dtype)
+        if fast is not None:  # time <= 1.1x torchvision's, i.e. throughput >= 1/1.1
+            out.append(_ratio_target(
+                f"CPU: host overhead, ResNet-50 1x3x16x16 {dtype}, fastres time vs torchvision CL eager",
+                "<= 1.10x time (>= 0.91x img/s)", "issue 13", fast,
+                _find(host, arch="resnet50", provider="tv-eager", dtype=dtype), 1 / 1.1))
     return out
 
 

@@ -33,6 +33,15 @@ def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(ref).copy_(t)
 
 
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """``suggest_memory_format(t) == torch.channels_last``, without its Python stride analysis
+    for the common case of a tensor dense in exactly one of the two layouts."""
+    nchw, nhwc = t.is_contiguous(), t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    if nchw != nhwc:
+        return nhwc
+    return suggest_memory_format(t) == torch.channels_last
+
+
 def conv_out_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``F.conv2d(x, weight)`` returns channels_last: when either operand is.
 
@@ -43,7 +52,7 @@ def conv_out_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
     output of such a conv is channels_last (csrc/cuda/conv_bn_act.cu follows
     the same rule).
     """
-    return suggest_memory_format(x) == torch.channels_last or suggest_memory_format(weight) == torch.channels_last
+    return suggests_channels_last(x) or suggests_channels_last(weight)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

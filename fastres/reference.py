@@ -65,13 +65,22 @@ def conv_bn_act(
     groups: int,
     act: str,
 ) -> torch.Tensor:
-    """``act(conv2d(x, weight) * scale[k] + shift[k] (+ residual))``.
+    """``act(conv2d(x, weight) * scale[k] + shift[k] (+ residual))``, rounded once.
 
-    The convolution runs in ``x.dtype`` through PyTorch (fp32 accumulation on
-    every backend PyTorch has); the epilogue runs in fp32 as in ``bn_act``.
+    fp16/bf16 operands are upcast to fp32 (exactly) and convolved in fp32, so
+    the convolution is not rounded to ``x.dtype`` before the fp32 epilogue:
+    the one rounding is the final cast, as in the fused kernels. (On a GPU the
+    fp32 convolution may use TF32 when ``torch.backends.cudnn.allow_tf32`` is
+    set, PyTorch's default; fp16/bf16 values are exact in TF32's 10-bit mantissa,
+    so only the accumulation order differs.) The output's memory format is
+    ``F.conv2d``'s for ``x`` and ``weight``.
     """
-    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    return bn_act(y, scale, shift, residual, act)
+    ct = compute_dtype(x.dtype)
+    y = F.conv2d(x.to(ct), weight.to(ct), None, stride, padding, dilation, groups)
+    z = y * _channel(scale.to(ct)) + _channel(shift.to(ct))
+    if residual is not None:
+        z = z + residual.to(ct)
+    return activation(z, act).to(x.dtype)
 
 
 def bn_scale_shift(bn: torch.nn.modules.batchnorm._BatchNorm):

@@ -147,7 +147,17 @@ def test_info_cli():
 CONVS = [dict(stride=2, padding=3), dict(padding=2, dilation=2), dict(groups=2, padding=1), dict(stride=(2, 1))]
 
 
+def _folded_reference(x, w, scale, shift, r, s, p, d, groups, act):
+    """The reference on oneDNN's operands: the weight folded in fp32 and rounded once to the compute dtype."""
+    cd = fastres._onednn.compute_dtype(x.dtype)
+    wf = (w.float() * scale.view(-1, 1, 1, 1)).to(cd)
+    up = None if r is None else r.to(cd)
+    out = fastres.reference.conv_bn_act(x.to(cd), wf, torch.ones_like(scale), shift, up, s, p, d, groups, act)
+    return out.to(x.dtype)
+
+
 @pytest.mark.skipif(not fastres._onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("conv", CONVS, ids=str)
 @pytest.mark.parametrize("act", ["relu", "silu", "identity"])
 @pytest.mark.parametrize("x_fmt, r_fmt", [
@@ -156,16 +166,20 @@ CONVS = [dict(stride=2, padding=3), dict(padding=2, dilation=2), dict(groups=2, 
     (torch.channels_last, torch.contiguous_format),
 ])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_conv_bn_act_cpu_onednn_path(conv, act, x_fmt, r_fmt, with_residual, monkeypatch):
-    """fp32 CPU inference through the torch backend takes oneDNN's fused conv and matches the reference."""
+def test_conv_bn_act_cpu_onednn_path(dtype, conv, act, x_fmt, r_fmt, with_residual, monkeypatch):
+    """CPU inference through the torch backend takes oneDNN's fused conv (fp32, bf16, fp16) and
+    matches the reference: to ~1 ulp on the same (folded, rounded-once) weight, and within the
+    rounding of that weight against the unfolded reference."""
+    from conftest import TOL
+
     groups = conv.get("groups", 1)
-    x = torch.randn(2, 4, 9, 7).contiguous(memory_format=x_fmt)
-    w = torch.randn(6, 4 // groups, 3, 3)
+    x = torch.randn(2, 4, 9, 7).to(dtype).contiguous(memory_format=x_fmt)
+    w = torch.randn(6, 4 // groups, 3, 3).to(dtype)
     scale, shift = torch.rand(6) + 0.5, torch.randn(6)
     args = dict(stride=conv.get("stride", 1), padding=conv.get("padding", 0),
                 dilation=conv.get("dilation", 1), groups=groups, activation=act, backend="torch")
     out_shape = ops.conv_bn_act(x, w, scale, shift, **args).shape
-    r = torch.randn(out_shape).contiguous(memory_format=r_fmt) if with_residual else None
+    r = torch.randn(out_shape).to(dtype).contiguous(memory_format=r_fmt) if with_residual else None
     calls = []
     monkeypatch.setattr(fastres._onednn, "conv_bn_act", lambda *a, f=fastres._onednn.conv_bn_act: calls.append(1) or f(*a))
     with torch.no_grad():
@@ -173,8 +187,34 @@ def test_conv_bn_act_cpu_onednn_path(conv, act, x_fmt, r_fmt, with_residual, mon
     assert calls or (with_residual and act == "silu"), "the oneDNN path was not taken"
     s, p, d = (fastres._checks.pair("", "", args[k]) for k in ("stride", "padding", "dilation"))
     ref = fastres.reference.conv_bn_act(x, w, scale, shift, r, s, p, d, groups, act)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert out.stride() == ref.stride()
+    assert out.stride() == ref.stride() and out.dtype == dtype
+    if calls:
+        torch.testing.assert_close(out, _folded_reference(x, w, scale, shift, r, s, p, d, groups, act), **TOL[dtype])
+    # Rounding the folded weight (2^-9 relative in bf16, 2^-12 in fp16) moves each of the 36
+    # products of a 3x3x4 conv: about 2^-9 * sqrt(36) * |x||w| in bf16.
+    tol = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-3, 8e-3), torch.bfloat16: (3e-2, 6e-2)}[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.skipif(not fastres._onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1, 2])
+def test_conv_bn_act_cpu_onednn_residual_on_one_pixel(dtype, n):
+    """A 1x1 output with a residual (ResNet layer4 at 32x32 input; torch 2.11's binary post-op
+    fails there with "could not create a memory" for a channels_last 1x1 input) takes the
+    unary conv and an fp32 add: any strides of the 1x1 input and residual work."""
+    x = torch.randn(n, 16, 1, 1).to(dtype)
+    r = torch.randn(n, 32, 1, 1).to(dtype)
+    w = torch.randn(32, 16, 1, 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(32) + 0.5, torch.randn(32)
+    for xs in ((16, 1, 16, 16), (16, 1, 1, 1)):
+        for rs in ((32, 1, 32, 32), (32, 1, 1, 1)):
+            xx, rr = x.as_strided(x.shape, xs), r.as_strided(r.shape, rs)
+            ref = fastres.reference.conv_bn_act(xx, w, scale, shift, rr, (1, 1), (0, 0), (1, 1), 1, "relu")
+            for pack in (False, True):
+                prep = fastres._onednn.prepare(xx, w, scale, shift, (1, 1), (0, 0), (1, 1), 1, pack=pack)
+                out = fastres._onednn.run(prep, xx, rr, "relu")
+                torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
 
 
 def test_conv_bn_act_cpu_onednn_path_not_taken_for_training(monkeypatch):
@@ -182,8 +222,8 @@ def test_conv_bn_act_cpu_onednn_path_not_taken_for_training(monkeypatch):
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3, requires_grad=True)
     ops.conv_bn_act(x, w, torch.ones(3), torch.zeros(3), backend="torch").sum().backward()
     assert w.grad is not None
-    with torch.no_grad():  # fp16 is never folded into low-precision weights
-        ops.conv_bn_act(x.half(), w.half(), torch.ones(3), torch.zeros(3), backend="torch")
+    with torch.no_grad():  # fp64: no oneDNN kernel
+        ops.conv_bn_act(x.double(), w.double(), torch.ones(3).double(), torch.zeros(3).double(), backend="torch")
 
 
 @pytest.mark.parametrize("x_shape, w_shape, x_cl, w_cl", [

@@ -17,7 +17,7 @@ if ROOT not in sys.path:  # `benchmarks` is not installed: it lives next to `fas
     sys.path.insert(0, ROOT)
 
 from benchmarks import __main__ as cli  # noqa: E402
-from benchmarks import cases, config, plots, report  # noqa: E402
+from benchmarks import bench_models, cases, config, plots, report  # noqa: E402
 from fastres.shapes import conv_shapes  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -43,7 +43,7 @@ def _load(out):
 def test_cli_models_tiny(tmp_path, capsys):
     out = str(tmp_path / "res")
     rc = cli.main(["--device", "cpu", "--suite", "models", "--arch", "resnet18", "--batch", "1",
-                   "--image-size", "64", "--reps", "1", "--out", out])
+                   "--image-size", "64", "--reps", "1", "--no-host-overhead", "--out", out])
     assert rc == 0
     files = _outputs(out)
     assert files == ["report.md", "results.json", "throughput.png"]  # no memory on CPU, no kernels run
@@ -57,14 +57,19 @@ def test_cli_models_tiny(tmp_path, capsys):
     assert result["environment"]["device_type"] == "cpu"
     assert result["peaks"]["copy_gbps"] > 0 and result["peaks"]["matmul_tflops"] > 0
     rows = result["rows"]
-    assert {(r["provider"], r["layout"]) for r in rows} == {
-        ("tv-eager", "nchw"), ("tv-eager", "channels_last"), ("tv-fx-fuse", "channels_last"),
-        ("fastres-torch", "channels_last")}
+    expected = {("tv-eager", "nchw", "float32"), ("tv-eager", "channels_last", "float32"),
+                ("tv-fx-fuse", "channels_last", "float32"), ("fastres-torch", "channels_last", "float32")}
+    if bench_models.cpu_bf16():  # no compile rows: torch.compile(freezing) is timed for ResNet-50 only
+        expected |= {("tv-eager", "channels_last", "bfloat16"), ("fastres-torch", "channels_last", "bfloat16")}
+    assert {(r["provider"], r["layout"], r["dtype"]) for r in rows} == expected
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
-        assert r["suite"] == "models" and r["arch"] == "resnet18" and r["batch"] == 1 and r["dtype"] == "float32"
+        assert r["suite"] == "models" and r["arch"] == "resnet18" and r["batch"] == 1
         assert r["images_per_s"] > 0 and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
-        assert r["rel_l2_err"] < 1e-4, r  # fp32 on the CPU: every provider computes the same logits
+        if r["dtype"] == "float32":
+            assert r["rel_l2_err"] < 1e-4, r  # fp32 on the CPU: every provider computes the same logits
+        if r["provider"] == "fastres-torch":  # one folded weight per conv, in the row's dtype (+ biases)
+            assert r["weights_mib"] * 0.9 < r["prepared_mib"] < r["weights_mib"] * 1.1
     base = next(r for r in rows if r["provider"] == "tv-eager" and r["layout"] == "nchw")
     assert base["speedup_vs_tv_fp32"] == pytest.approx(1.0) and base["max_abs_err"] == 0.0
     assert result["skipped"] == []
@@ -106,7 +111,9 @@ def test_cli_time_limit_reports_what_was_not_measured(tmp_path):
                    "--time-limit", "0", "--out", out])
     assert rc == 0
     result = _load(out)
-    assert result["rows"] == [] and len(result["skipped"]) == 4
+    n_eval = 4 + (2 if bench_models.cpu_bf16() else 0)
+    n_host = len(bench_models.host_overhead_providers(torch.device("cpu")))
+    assert result["rows"] == [] and len(result["skipped"]) == n_eval + n_host
     assert all(s["reason"] == "time limit reached" for s in result["skipped"])
     assert "## Not measured" in open(os.path.join(out, "report.md")).read()
     assert "throughput.png" not in _outputs(out)
@@ -127,7 +134,7 @@ def test_cli_sigterm_writes_partial_results(tmp_path, monkeypatch):
 def test_report_rerenders_from_json(tmp_path, capsys):
     out = str(tmp_path / "res")
     assert cli.main(["--device", "cpu", "--suite", "models", "--arch", "resnet18", "--batch", "1", "--image-size",
-                     "32", "--reps", "1", "--json-only", "--out", out]) == 0
+                     "32", "--reps", "1", "--no-host-overhead", "--json-only", "--out", out]) == 0
     assert _outputs(out) == ["results.json"]
     report.main([out])
     assert _outputs(out) == ["report.md", "results.json", "throughput.png"]
@@ -138,7 +145,10 @@ def test_report_rerenders_from_json(tmp_path, capsys):
 def test_defaults_quick_and_full():
     quick = config.default_config("cpu", full=False)
     assert quick.suites == ["ops", "conv", "models"] and quick.model_archs[0] == "resnet50"
-    assert quick.model_batches == [8] and quick.dtype == "float32" and quick.compile_modes == []
+    assert quick.model_batches == [1, 8] and quick.dtype == "float32" and quick.compile_modes == ["freezing"]
+    assert config.compile_modes_for(quick, "resnet50", 1) == ["freezing"]
+    assert config.compile_modes_for(quick, "resnet18", 8) == []
+    assert quick.host_overhead
     gpu = config.default_config("cuda", full=False)
     assert gpu.suites == list(config.ALL_SUITES) and gpu.dtype == "bfloat16"
     assert config.compile_modes_for(gpu, "resnet50", 128) == ["default"]
@@ -262,6 +272,16 @@ def test_cpu_targets():
     rows[0] = {**rows[0], "ms_p20": 700.0, "ms_p80": 1400.0}  # a disturbed baseline
     targets = report.evaluate_targets({"rows": rows, "environment": {"device_type": "cpu"}})
     assert targets[0]["status"].startswith("NOT met (noisy timings, p80/p20 up to 2.00")
+    rows = [_model_row("tv-compile-freezing", 12.0, batch=1, dtype="bfloat16"),
+             _model_row("tv-eager", 10.0, batch=1, dtype="bfloat16", err=1e-2),
+             _model_row("fastres-torch", 12.5, batch=1, dtype="bfloat16", err=1.4e-2),
+             {**_model_row("tv-eager", 100.0, batch=1), "image_size": 16},
+             {**_model_row("fastres-torch", 95.0, batch=1), "image_size": 16}]
+    status = {t["name"]: t["status"] for t in report.evaluate_targets({"rows": rows, "environment": {"device_type": "cpu"}})}
+    assert status["CPU: ResNet-50 eval bfloat16 batch 1, fastres vs torch.compile(freezing)"] == "met"
+    assert status["CPU: ResNet-50 eval bfloat16 batch 1, fastres vs torchvision CL eager"] == "met"
+    assert status["CPU: ResNet-50 bfloat16 batch 1 logits error vs torchvision's"] == "met"  # 1.4x <= 1.5x
+    assert status["CPU: host overhead, ResNet-50 1x3x16x16 float32, fastres time vs torchvision CL eager"] == "met"
     empty = report.evaluate_targets({"rows": [], "environment": {"device_type": "cpu"}})
     assert [t["status"] for t in empty] == ["not measured", "not measured"]
 

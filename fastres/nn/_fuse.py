@@ -30,20 +30,22 @@ given, what can run fused and what must run as the original modules:
   activation module other than ``nn.ReLU``, ``nn.SiLU`` or ``nn.Identity`` is
   applied after a fused ``"identity"`` epilogue.
 
-Eval-mode ``scale``/``shift`` are cached on the owning module (see
-:class:`ScaleShiftCache`).
+Eval mode prepares once what it derives from the parameters (BN
+``scale``/``shift``; on CPU the BN-folded oneDNN weight, prepacked; the
+kernels' weight layout and autocast copy) and caches it on the owning module
+(see :class:`PreparedCache`).
 """
 from __future__ import annotations
 
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastres import ops
+from fastres import _layout, _onednn, ops
 from fastres._checks import check_activation
 from fastres._tracing import is_tracing
 
@@ -324,19 +326,34 @@ def _plain(t: Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-class ScaleShiftCache:
-    """Eval-mode ``(scale, shift)`` per BN slot of one module, never stale.
+class PreparedCache:
+    """What a module derives from its parameters for each fused conv, computed once, never stale.
 
-    An entry is used only while every source tensor (BN weight, bias,
-    running_mean, running_var and the conv bias) is the same object, with the
-    same data_ptr, dtype, device and autograd version counter, and ``eps``,
-    the compute dtype and inference mode are unchanged. In-place edits (under
-    ``no_grad``, by an optimizer, ``load_state_dict``) bump version counters;
-    ``module.to()``/``.half()`` change data pointers (each entry pins the old
-    storage, so an address cannot be reused while the entry lives); assigning
-    new parameters changes identities. Edits through ``.data`` bypass version
-    counters: the owning modules drop their entries on ``train()``/``eval()``
-    and ``_apply`` (``.to``, ``.cuda``...), and :meth:`clear` (or
+    An entry is keyed by ``(slot, kind)``: ``slot`` names the conv/BN pair in
+    the module (``"bn1"``, ``"downsample"``...), ``kind`` the derived form:
+
+    * ``"scale_shift"``: the eval-mode fp32 ``(scale, shift)`` (:func:`eval_scale_shift`);
+    * ``"onednn"``: the BN-folded, prepacked oneDNN weight and bias of the CPU
+      path (``fastres._onednn.prepare``);
+    * ``"weight"``: the conv weight in the dtype and layout the kernels read
+      (autocast's low-precision copy; channels_last, i.e. KRSC, for
+      channels_last inputs), so the GPU kernels copy no weight per call;
+    * any other name a backend uses for its own form (see :meth:`get`).
+
+    A ``(slot, kind)`` holds one value: a new form (another dtype, layout...)
+    replaces the old one, so each kind keeps at most one prepared copy per conv.
+
+    A value is reused only while every source tensor (the conv weight/bias, BN
+    weight, bias, running_mean, running_var, as the form needs) is the same
+    object, with the same data_ptr, dtype, device and autograd version counter,
+    and the form's extra key (``eps``, dtypes, layout, conv geometry) and
+    inference mode are unchanged. In-place edits (under ``no_grad``, by an
+    optimizer, ``load_state_dict``) bump version counters; ``module.to()``/
+    ``.half()`` change data pointers (each entry pins the old storages, so an
+    address cannot be reused while the entry lives); assigning new parameters
+    changes identities. Edits through ``.data`` bypass version counters: the
+    owning modules drop their entries on ``train()``/``eval()`` and ``_apply``
+    (``.to``, ``.cuda``...), and :meth:`clear` (or
     ``fastres.nn.clear_cache(model)``) drops them explicitly.
 
     Inference tensors (a model built, copied, cast or loaded inside
@@ -350,18 +367,19 @@ class ScaleShiftCache:
     ``load_state_dict``, a training forward after ``bn.train()`` on the BN
     alone) are not seen: call ``fastres.nn.clear_cache`` after them.
 
-    Nothing is cached (the values are recomputed, which is always correct):
+    Nothing is cached (the form is recomputed, which is always correct):
 
     * under ``torch.compile``/``torch.export``, FX or JIT tracing, so nothing
       stale is captured and the traced graph reads the parameters themselves;
     * during CUDA-graph capture, for the same reason;
-    * when autograd must reach ``bn.weight``/``bias`` (grad mode on and they
-      require grad: frozen-statistics fine-tuning);
+    * when autograd must reach a source (grad mode on and it requires grad:
+      frozen-statistics fine-tuning); with grad mode on but no source
+      requiring grad, the form is cached;
     * for non-plain tensors (fake, functional, functorch-wrapped).
     """
 
     def __init__(self) -> None:
-        self._entries: Dict[str, tuple] = {}
+        self._entries: Dict[Tuple[str, str], tuple] = {}
 
     def clear(self) -> None:
         self._entries.clear()
@@ -369,35 +387,60 @@ class ScaleShiftCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, slot: str, bn: _BatchNorm, conv_bias: Optional[Tensor], x: Tensor) -> Tuple[Tensor, Tensor]:
-        ct = compute_dtype(x.dtype)
-        sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
-        if not self._cacheable(sources, x):
-            return eval_scale_shift(bn, conv_bias, ct)
+    def nbytes(self, kind: Optional[str] = None) -> int:
+        """Bytes held by the cached values (of ``kind``; all when None): the prepared copies' resident memory."""
+        return sum(_nbytes(entry[3]) for (_, k), entry in self._entries.items() if kind in (None, k))
+
+    def get(self, slot: str, kind: str, sources: Tuple[Optional[Tensor], ...], extra: tuple,
+            make: Callable[[], Any], x: Tensor):
+        """``make()``, or its cached value for ``(slot, kind)`` while ``sources`` and ``extra`` are unchanged.
+
+        ``sources``: every parameter or buffer ``make`` reads (None for absent
+        ones); ``extra``: everything else its result depends on (hashable);
+        ``x``: the call's input (CUDA-graph capture is checked on its device).
+        A backend's own form (e.g. a cuDNN-ready folded weight) is one call:
+        ``cache.get(slot, "cudnn", sources, (dtype, ...), make, x)``.
+        """
+        if not _cacheable(sources, x):
+            return make()
         key = tuple(
             None if t is None else (t.data_ptr(), _version(t), t.dtype, t.device) for t in sources
-        ) + (float(bn.eps), ct, torch.is_inference_mode_enabled())
-        entry = self._entries.get(slot)
+        ) + extra + (torch.is_inference_mode_enabled(),)
+        entry = self._entries.get((slot, kind))
         if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], sources)):
-            return entry[3], entry[4]
-        scale, shift = eval_scale_shift(bn, conv_bias, ct)
+            return entry[3]
+        value = make()
         pins = tuple(None if t is None else t.detach() for t in sources)  # keeps the storages alive
-        self._entries[slot] = (key, sources, pins, scale, shift)
-        return scale, shift
+        self._entries[(slot, kind)] = (key, sources, pins, value)
+        return value
 
-    @staticmethod
-    def _cacheable(sources, x: Tensor) -> bool:
-        if is_tracing():
+    def scale_shift(self, slot: str, bn: _BatchNorm, conv_bias: Optional[Tensor], x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Eval-mode ``(scale, shift)`` in ``x``'s compute dtype (fp32, fp64 for fp64)."""
+        ct = compute_dtype(x.dtype)
+        sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
+        return self.get(slot, "scale_shift", sources, (float(bn.eps), ct), lambda: eval_scale_shift(bn, conv_bias, ct), x)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if callable(getattr(value, "nbytes", None)):
+        return value.nbytes()
+    return sum(_nbytes(v) for v in value)
+
+
+def _cacheable(sources, x: Tensor) -> bool:
+    if is_tracing():
+        return False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in sources:
+        if t is None:
+            continue
+        if not _plain(t) or (grad and t.requires_grad):
             return False
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return False
-        grad = torch.is_grad_enabled()
-        for t in sources:
-            if t is None:
-                continue
-            if not _plain(t) or (grad and t.requires_grad):
-                return False
-        return True
+    return True
 
 
 # ----------------------------------------------------------------------------
@@ -429,8 +472,87 @@ def conv_padding(conv: nn.Conv2d):
     return (0, 0) if conv.padding == "valid" else conv.padding
 
 
+def _fits(x: Tensor, weight: Tensor, residual: Optional[Tensor], stride, padding, dilation, groups: int) -> bool:
+    """Whether the conv is well-formed for ``x`` (else ``fastres.ops`` raises the error that says why)."""
+    if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups or x.shape[0] == 0:
+        return False
+    xs, ws = x.shape, weight.shape
+    out = [xs[0], ws[0]]
+    for i in (0, 1):
+        size = _layout.conv_out_size(xs[2 + i], ws[2 + i], stride[i], padding[i], dilation[i])
+        if size < 1:
+            return False
+        out.append(size)
+    return residual is None or (
+        list(residual.shape) == out and residual.dtype == x.dtype and residual.device == x.device
+    )
+
+
+def _kernel_weight(cache: PreparedCache, slot: str, weight: Tensor, dtype: torch.dtype, x: Tensor) -> Tensor:
+    """The conv weight as the kernels read it: in ``dtype`` (autocast), and channels_last (KRSC) for a
+    channels_last ``x`` (the output format stays channels_last, F.conv2d's rule), prepared once."""
+    cl = _layout.is_channels_last(x)
+    if weight.dtype == dtype and (not cl or weight.is_contiguous(memory_format=torch.channels_last)):
+        return weight
+    if not _cacheable((weight,), x):
+        return _cast(weight, dtype)
+
+    def make() -> Tensor:
+        w = weight.to(dtype)
+        return w.contiguous(memory_format=torch.channels_last) if cl else w
+
+    return cache.get(slot, "weight", (weight,), (dtype, cl), make, x)
+
+
+def _eval_conv_bn_act(
+    cache: Optional[PreparedCache], slot: str, x: Tensor, conv: nn.Conv2d, bn: _BatchNorm, act: str,
+    residual: Optional[Tensor], backend: Optional[str], low: Optional[torch.dtype],
+) -> Tensor:
+    """Eval mode (running statistics): one ``conv_bn_act`` from the module's prepared forms.
+
+    CPU inference (``backend`` None or ``"torch"``, no gradient needed) runs
+    oneDNN's fused conv on the BN-folded prepacked weight (``"onednn"``
+    form); everything else runs ``fastres.ops.conv_bn_act`` with the cached
+    ``"scale_shift"`` and ``"weight"`` forms.
+    """
+    stride, padding, dilation, groups = tuple(conv.stride), tuple(conv_padding(conv)), tuple(conv.dilation), conv.groups
+    x, residual = _cast(x, low), _cast(residual, low)
+    weight = conv.weight
+    wdtype = weight.dtype if low is None or weight.dtype == torch.float64 else low
+    sources = (weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, conv.bias)
+    if (
+        backend in (None, "torch")
+        and wdtype == x.dtype
+        and _onednn.usable(x, residual, act)
+        and not (torch.is_grad_enabled() and _requires_grad(x, residual, *sources))
+        and _fits(x, weight, residual, stride, padding, dilation, groups)
+    ):
+        def make() -> _onednn.Prepared:
+            scale, shift = eval_scale_shift(bn, conv.bias, torch.float32)
+            return _onednn.prepare(x, weight, scale, shift, stride, padding, dilation, groups)
+
+        # The weight's own layout is part of its identity (a new layout is a new storage).
+        form = (float(bn.eps), x.dtype, _layout.suggests_channels_last(x), stride, padding, dilation, groups)
+        p = make() if cache is None else cache.get(slot, "onednn", sources, form, make, x)
+        return _onednn.run(p, x, residual, act)
+    if cache is None:
+        scale, shift = eval_scale_shift(bn, conv.bias, compute_dtype(x.dtype))
+        weight = _cast(weight, low)
+    else:
+        scale, shift = cache.scale_shift(slot, bn, conv.bias, x)
+        weight = _kernel_weight(cache, slot, weight, wdtype, x)
+    return ops.conv_bn_act(
+        x, weight, scale, shift, residual, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        activation=act, backend=backend,
+    )
+
+
+def _requires_grad(*tensors: Optional[Tensor]) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def conv_bn_act(
-    cache: Optional[ScaleShiftCache],
+    cache: Optional[PreparedCache],
     slot: str,
     x: Tensor,
     conv: nn.Module,
@@ -453,14 +575,5 @@ def conv_bn_act(
         residual = _cast(residual, y.dtype if low is not None else None)
         out = ops.bn_act(yc, scale, shift, residual, fused_act, backend=backend)
     else:
-        x, weight, residual = _cast(x, low), _cast(conv.weight, low), _cast(residual, low)
-        if cache is None:
-            scale, shift = eval_scale_shift(bn, conv.bias, compute_dtype(x.dtype))
-        else:
-            scale, shift = cache.get(slot, bn, conv.bias, x)
-        out = ops.conv_bn_act(
-            x, weight, scale, shift, residual,
-            stride=tuple(conv.stride), padding=tuple(conv_padding(conv)), dilation=tuple(conv.dilation),
-            groups=conv.groups, activation=fused_act, backend=backend,
-        )
+        out = _eval_conv_bn_act(cache, slot, x, conv, bn, fused_act, residual, backend, low)
     return out if post is None else post(out)

@@ -25,11 +25,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastres._checks import check_backend_name
 from fastres._tracing import is_fx_proxy
 from fastres.nn import _fuse
-from fastres.nn._fuse import ScaleShiftCache, activation_name
+from fastres.nn._fuse import PreparedCache, activation_name
 
 
 class FusedModule(nn.Module):
-    """Base of every fastres module: a ``backend`` and an eval-mode scale/shift cache.
+    """Base of every fastres module: a ``backend`` and the prepared forms of its convs (``PreparedCache``).
 
     ``backend`` (None = the best available for the input's device, else
     ``"torch"``, ``"triton"`` or ``"cuda"``) is passed to every ``fastres.ops``
@@ -40,7 +40,7 @@ class FusedModule(nn.Module):
         super().__init__()
         check_backend_name(type(self).__name__, backend)
         self.backend = backend
-        self._fastres_cache = ScaleShiftCache()
+        self._fastres_cache = PreparedCache()
 
     def _conv_bn(
         self, slot: str, x: Tensor, conv: nn.Module, bn: nn.Module, act: Optional[nn.Module],
@@ -75,7 +75,7 @@ class FusedModule(nn.Module):
 
     def __getstate__(self):  # pickle, deepcopy: never carry cached tensors along
         state = self.__dict__.copy()
-        state["_fastres_cache"] = ScaleShiftCache()
+        state["_fastres_cache"] = PreparedCache()
         return state
 
     def extra_repr(self) -> str:
@@ -310,10 +310,10 @@ def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
 
 
 def clear_cache(model: nn.Module) -> nn.Module:
-    """Drop every cached eval-mode BN scale/shift of ``model`` (only needed after
-    editing BN parameters or buffers through ``.data``, or editing inference
-    tensors in place inside ``inference_mode``: PyTorch versions neither);
-    returns ``model``."""
+    """Drop everything ``model``'s fastres modules prepared from their parameters (eval-mode BN
+    scale/shift, folded and prepacked weights; only needed after editing parameters or buffers
+    through ``.data``, or editing inference tensors in place inside ``inference_mode``: PyTorch
+    versions neither); returns ``model``."""
     for m in fused_modules(model):
         m._fastres_cache.clear()
     return model

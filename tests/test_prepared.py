@@ -1,0 +1,250 @@
+"""Prepared forms (fastres/nn/_fuse.py ``PreparedCache``): computed once, never stale, never
+while tracing; the CPU oneDNN path they feed matches the reference in every dtype."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastres
+from fastres import _onednn
+from fastres.nn import ConvBNAct, _fuse
+from conftest import DEVICE, kernel_backends
+
+CL = torch.channels_last
+
+
+def randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.5, generator=g)
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    return model
+
+
+def max_rel_err(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+# Each setup: (model dtype, input dtype, input format, backend, autocast dtype, the kinds it prepares).
+FORMS = {
+    "onednn_fp32_cl": (torch.float32, torch.float32, CL, None, None, {"onednn"}),
+    "onednn_fp32_nchw": (torch.float32, torch.float32, torch.contiguous_format, "torch", None, {"onednn"}),
+    "onednn_bf16": (torch.bfloat16, torch.bfloat16, CL, None, None, {"onednn"}),
+    "onednn_fp16": (torch.float16, torch.float16, CL, None, None, {"onednn"}),
+    "onednn_autocast_bf16": (torch.float32, torch.float32, CL, None, torch.bfloat16, {"onednn"}),
+    "reference_fp64": (torch.float64, torch.float64, CL, None, None, {"scale_shift", "weight"}),
+    "triton": (torch.float32, torch.float32, CL, "triton", None, {"scale_shift", "weight"}),
+    "cuda": (torch.bfloat16, torch.bfloat16, CL, "cuda", None, {"scale_shift", "weight"}),
+}
+# The kernel backends run on DEVICE (CPU tensors under the Triton interpreter when there is no GPU).
+SKIP = {p.id: p.marks for p in kernel_backends("conv_bn_act")}
+
+
+def _form_params():
+    return [pytest.param(k, id=k, marks=SKIP.get(k, ())) for k in FORMS]
+
+
+class Setup:
+    def __init__(self, form, seed=0):
+        self.mdtype, self.xdtype, self.fmt, backend, self.autocast, self.kinds = FORMS[form]
+        torch.manual_seed(seed)
+        m = randomize_bn(ConvBNAct(3, 4, 3, bias=True, backend=backend))
+        with torch.no_grad():
+            m.conv.weight.normal_()  # outputs of a few units: every edit below shows
+        self.device = DEVICE if backend in ("triton", "cuda") else torch.device("cpu")
+        self.m = m.to(self.device, self.mdtype).eval()
+        self.x = torch.randn(2, 3, 6, 5).to(self.device, self.xdtype).contiguous(memory_format=self.fmt)
+        low = self.autocast is not None or self.xdtype in (torch.bfloat16, torch.float16)
+        self.rtol = 2e-2 if low else 1e-5
+
+    def run(self, m=None):
+        m = self.m if m is None else m
+        with torch.no_grad(), torch.autocast(self.device.type, self.autocast or torch.bfloat16,
+                                             enabled=self.autocast is not None):
+            return m(self.x)
+
+    def expected(self):
+        """The unfused modules in fp64 (they share every parameter with the fused module)."""
+        ref = copy.deepcopy(nn.Sequential(self.m.conv, self.m.bn, self.m.act)).cpu().double()
+        with torch.no_grad():
+            return ref(self.x.cpu().double())
+
+    def check(self):
+        out = self.run()
+        assert out.dtype == (self.autocast or self.xdtype)
+        err = max_rel_err(out.cpu(), self.expected())
+        assert err <= self.rtol, f"stale or wrong: max error {err:.3g} relative to the output's max"
+
+    def values(self):
+        return {k: e[3] for k, e in self.m._fastres_cache._entries.items()}
+
+
+def test_forms_prepared_once_and_reused():
+    for form in FORMS:
+        if SKIP.get(form):
+            continue
+        s = Setup(form)
+        s.check()
+        first = s.values()
+        assert {kind for (_, kind) in first} == s.kinds, form
+        s.check()
+        second = s.values()
+        assert all(second[k] is v for k, v in first.items()), f"{form}: prepared again without an edit"
+
+
+@pytest.mark.parametrize("form", _form_params())
+@pytest.mark.parametrize("edit", [
+    "inplace_conv_weight", "inplace_bn_weight", "inplace_running_var", "inplace_conv_bias", "eps",
+    "load_state_dict", "new_parameter", "optimizer_step", "dtype_roundtrip", "to_channels_last", "train_eval",
+    "inference_mode_edit",
+])
+def test_prepared_forms_never_stale(form, edit):
+    s = Setup(form)
+    m = s.m
+    s.check()
+    before = s.values()
+    with torch.no_grad():
+        if edit == "inplace_conv_weight":
+            m.conv.weight.mul_(-1.5)
+        elif edit == "inplace_bn_weight":
+            m.bn.weight.mul_(2)
+        elif edit == "inplace_running_var":
+            m.bn.running_var.add_(3)
+        elif edit == "inplace_conv_bias":
+            m.conv.bias.add_(1)
+        elif edit == "eps":
+            m.bn.eps = 0.5
+        elif edit == "load_state_dict":
+            other = randomize_bn(ConvBNAct(3, 4, 3, bias=True), seed=5).to(s.device, s.mdtype)
+            m.load_state_dict(other.state_dict())
+        elif edit == "new_parameter":
+            m.conv.weight = nn.Parameter(torch.randn_like(m.conv.weight))
+        elif edit == "dtype_roundtrip":
+            other = torch.float32 if s.mdtype == torch.float64 else torch.float64
+            m.to(other).to(s.mdtype)
+        elif edit == "to_channels_last":
+            m.to(memory_format=CL)
+    if edit == "inference_mode_edit":
+        with torch.inference_mode():
+            m.bn.running_mean.add_(1)  # a normal tensor edited in inference mode: versioned
+    if edit == "optimizer_step":
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        with torch.autocast(s.device.type, s.autocast or torch.bfloat16, enabled=s.autocast is not None):
+            m(s.x).float().sum().backward()  # grad mode, parameters require grad: nothing cached
+        opt.step()
+    if edit == "train_eval":
+        m.train()
+        with torch.no_grad():
+            m(s.x.to(s.mdtype))  # batch statistics: updates running_mean/var
+        m.eval()
+    s.check()
+    after = s.values()
+    assert any(after.get(k) is not v for k, v in before.items()), f"{edit}: nothing was prepared again"
+
+
+def test_grad_mode_caches_when_no_parameter_requires_grad():
+    s = Setup("onednn_fp32_cl")
+    s.m.requires_grad_(False)
+    out = s.m(s.x)  # grad mode on
+    assert ("bn", "onednn") in s.m._fastres_cache._entries
+    assert not out.requires_grad
+    s.m.bn.requires_grad_(True)  # frozen-statistics fine-tuning: autograd must reach bn.weight
+    s.m(s.x).sum().backward()
+    assert s.m.bn.weight.grad is not None
+
+
+def test_model_built_and_run_in_inference_mode():
+    with torch.inference_mode():
+        s = Setup("onednn_fp32_cl")
+        s.check()
+        s.check()
+    s.check()
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("tracer", ["compile", "export", "jit_trace", "fx"])
+def test_nothing_prepared_while_tracing(tracer, monkeypatch):
+    s = Setup("onednn_fp32_cl")
+    calls = []
+    monkeypatch.setattr(_onednn, "prepare", lambda *a, f=_onednn.prepare, **k: calls.append(1) or f(*a, **k))
+    m, x = s.m, s.x
+    with torch.no_grad():
+        if tracer == "compile":
+            out = torch.compile(m, backend="eager", fullgraph=True)(x)
+        elif tracer == "export":
+            out = torch.export.export(m, (x,)).module()(x)
+        elif tracer == "jit_trace":
+            out = torch.jit.trace(m, (x,), check_trace=False)(x)
+        else:
+            out = torch.fx.symbolic_trace(m, concrete_args={"residual": None})(x)
+    assert calls == [] and len(m._fastres_cache) == 0
+    assert max_rel_err(out, s.expected()) <= 1e-5
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+def test_resident_memory_is_one_prepared_copy():
+    """ResNet-18 bf16 on CPU: the prepared forms are one folded weight per conv (+ fp32 biases)."""
+    model = fastres.models.resnet18().to(torch.bfloat16).eval().to(memory_format=CL)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=CL))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    weight_bytes = sum(c.weight.numel() * 2 for c in convs)
+    bias_bytes = sum(c.out_channels * (4 + 2) for c in convs)  # fp32 bias + the binary post-op's bf16 copy
+    prepared = sum(m._fastres_cache.nbytes("onednn") for m in fastres.nn.modules.fused_modules(model))
+    kinds = {k for m in fastres.nn.modules.fused_modules(model) for (_, k) in m._fastres_cache._entries}
+    assert kinds == {"onednn"}
+    assert weight_bytes <= prepared <= weight_bytes + bias_bytes
+
+
+@pytest.mark.parametrize("backend", kernel_backends("conv_bn_act"))
+def test_kernels_get_a_channels_last_weight_prepared_once(backend, monkeypatch):
+    """The kernels read the weight as KRSC: a channels_last weight is that already (their
+    ``permute(0, 2, 3, 1).contiguous()`` copies nothing), prepared once per conv."""
+    s = Setup(backend)
+    seen = []
+    monkeypatch.setattr(fastres.ops, "conv_bn_act", lambda x, w, *a, f=fastres.ops.conv_bn_act, **k: seen.append(w) or f(x, w, *a, **k))
+    s.check()
+    s.check()
+    assert len(seen) == 2 and seen[0] is seen[1]
+    w = seen[0]
+    assert w.is_contiguous(memory_format=CL) and w.permute(0, 2, 3, 1).contiguous().data_ptr() == w.data_ptr()
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bn", ["default", "randomized"])
+def test_accuracy_rule_against_torchvision(dtype, bn):
+    """Logits error against fp32 <= 1.5x torchvision's own error in the same dtype (ResNet-18)."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().eval()
+    if bn == "randomized":
+        randomize_bn(tv)
+    fr = fastres.convert(copy.deepcopy(tv))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = tv.double()(x.double())
+        tv.float()
+        tv_err = max_rel_err(tv.to(dtype)(x.to(dtype)), exact)
+        fr_err = max_rel_err(fr.to(dtype)(x.to(dtype)), exact)
+    assert fr_err <= 1.5 * tv_err, (fr_err, tv_err)
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_resnet_with_one_pixel_layer4(dtype):
+    """ResNet-18 at 32x32: layer4 runs on 1x1 maps with a residual (the binary post-op's
+    failing case on torch 2.11), fp32 and bf16, batch 1 and 2."""
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet18()).eval()
+    fr = fastres.convert(copy.deepcopy(tv)).to(dtype).to(memory_format=CL)
+    for n in (1, 2):
+        x = torch.randn(n, 3, 32, 32)
+        with torch.no_grad():
+            err = max_rel_err(fr(x.to(dtype).contiguous(memory_format=CL)), tv(x))
+        assert err < (1e-5 if dtype == torch.float32 else 5e-2), err
