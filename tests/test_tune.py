@@ -16,7 +16,7 @@ import torch
 
 import fastres.tune
 from conftest import TOL
-from fastres import _tune, backends, ops, reference
+from fastres import _onednn, _tune, backends, ops, reference
 
 needs_triton = pytest.mark.skipif(backends.unavailable_reason("triton", torch.device("cpu")) is not None,
                                   reason="needs the Triton interpreter")
@@ -157,12 +157,13 @@ def test_budget_bounds_the_first_call(tune, monkeypatch):
 
 @needs_triton
 def test_model_run_in_inference_mode(tune, monkeypatch):
-    """A fastres block run inside inference_mode, backend=None: measured, then the choice runs.
-    (A block *built* inside inference_mode fails in fastres.nn's scale/shift cache, which reads
-    the version counter of inference tensors, whatever the backend: not this module's.)"""
+    """A fastres block built and run inside inference_mode, backend=None: measured, then the choice runs.
+    (On a real CPU the block's eval convs take oneDNN before any choice; it is switched off here to
+    stand for a GPU, where every eval conv goes through ``ops.conv_bn_act``.)"""
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": 1.0, "stock": 2.0}, run=True))
-    block = fastres.nn.BasicBlock(4, 4).eval()
+    monkeypatch.setattr(_onednn, "usable", lambda *args: False)
     with torch.inference_mode():
+        block = fastres.nn.BasicBlock(4, 4).eval()
         x = torch.randn(1, 4, 5, 6)
         y = block(x)
         expected = fastres.set_backend(block, "torch")(x)
