@@ -355,7 +355,9 @@ def conv_bn_act(
     # The cuda kernels cover most but not all convs (docs/cuda_conv.md); the
     # best-available choice skips them for the rest, an explicit "cuda" raises.
     exclude = ()
-    if backend is None and x.is_cuda and _extension.cuda_conv_unsupported_reason(x, weight, groups) is not None:
+    if backend is None and x.is_cuda and _extension.cuda_conv_unsupported_reason(
+        x, weight, stride, padding, dilation, groups
+    ) is not None:
         exclude = ("cuda",)
     fn = _run("conv_bn_act", backend, x.device, exclude)
     if fn is None:
