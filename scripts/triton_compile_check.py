@@ -120,6 +120,13 @@ def _imports():
     if "nvidia" not in backends:
         print(f"SKIP: this triton has no nvidia backend ({sorted(backends)})")
         sys.exit(SKIP)
+    import inspect
+
+    params = inspect.signature(ASTSource).parameters
+    if not {"constexprs", "attrs"} <= set(params):  # triton 3.1's ASTSource(fn, signature, constants, attrs)
+        print(f"SKIP: triton {triton.__version__}'s ASTSource takes {list(params)}, not the "
+              "(fn, signature, constexprs, attrs) of the tested tritons (3.6, 3.8)")
+        sys.exit(SKIP)
     from fastres.triton import conv
 
     assert not conv.INTERPRET and conv.CONFIGS is conv.GPU_CONFIGS

@@ -45,7 +45,8 @@ of A starts at ``x + m*C + g*CG``, a plain GEMM with no spatial masks.
 Precision: fp16/bf16 on tensor cores with fp32 accumulation; fp32 inputs use
 TF32 when ``torch.backends.cudnn.allow_tf32`` is True (as cuDNN does) and exact
 fp32 (``input_precision="ieee"``) otherwise; fp64 (gradcheck) runs an fp64
-``tl.dot`` with an fp64 accumulator and epilogue.
+``tl.dot`` with an fp64 accumulator and epilogue (``out_dtype`` is passed: before
+triton 3.8 it defaults to fp32 whatever the accumulator).
 
 Address arithmetic is int64 wherever it scales with the batch (pixel rows of
 ``x``, ``residual`` and the output); per-image offsets and the weight stay
@@ -282,7 +283,7 @@ def _conv_bn_act_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     else:
         # BLOCK_K divides CG: each step is one (r, s) and BLOCK_K contiguous channels.
         NCB = CG // BLOCK_K
@@ -305,7 +306,7 @@ def _conv_bn_act_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     # Epilogue, at accumulator precision: BN, residual, activation, one cast.
     scale = tl.load(scale_ptr + offs_k, mask=n_ok, other=0.0).to(acc.dtype)
