@@ -13,13 +13,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 
-py=${PYTHON312:-}
-if [ -z "$py" ]; then
-  py=$(command -v python3.12 || true)
-fi
-if [ -z "$py" ] && command -v pyenv >/dev/null; then
-  py=$(ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1 || true)
-fi
+py=
+for candidate in "${PYTHON312:-}" python3.12 \
+  "$(command -v pyenv >/dev/null && ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1)"; do
+  # (a pyenv shim python3.12 exists but fails unless 3.12 is selected: try each)
+  if [ -n "$candidate" ] && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+    py=$candidate
+    break
+  fi
+done
 if [ -z "$py" ]; then
   py=python3
   echo "test_gpuimage.sh: no Python 3.12 found (PYTHON312, python3.12, pyenv); using $(python3 --version)" >&2
