@@ -2,7 +2,8 @@
 
 fastres does not make its backends agree to the last bit: on a GPU, Triton
 contracts ``a * b + c`` into one FMA and computes ``exp`` and division with the
-approximate instructions (``ex2.approx``, ``div.full``), the CUDA kernels round
+approximate instructions (the sm_90 PTX of triton 3.6 and 3.8 for ``x * s + b``
+and silu holds ``fma.rn.f32``, ``ex2.approx.f32``, ``div.full.f32``), the CUDA kernels round
 every operation (``__fmul_rn``, ``__fadd_rn``) and call ``expf``, and the
 reference runs PyTorch's own kernels. The bound, per output element of the fp32
 math before its one rounding to the output dtype:
