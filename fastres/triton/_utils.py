@@ -34,8 +34,9 @@ _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, 
 
 
 def device_guard(t: torch.Tensor):
-    """A context in which Triton launches go to ``t``'s device (a no-op off CUDA)."""
-    if t.device.type != "cuda":
+    """A context in which Triton launches go to ``t``'s device (a no-op off CUDA, and
+    while torch.compile traces: the code it generates sets the device itself)."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
 
