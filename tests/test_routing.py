@@ -76,3 +76,21 @@ def test_cuda_backend_on_a_gpu_with_compiled_kernels(gpu_of_capability):
     # the size rules route too: one 2^32-byte output image goes elsewhere
     why = _extension._conv_unsupported(torch.float16, 8, 2**15, 2**15, 8, 1, 1, (1, 1), (0, 0), (1, 1), 1, 0, True)
     assert why is not None and "2^31 bytes" in why
+
+
+@pytest.mark.parametrize(
+    "triton_version,numpy_version,usable",
+    [("3.6.0", "2.3.5", True), ("3.6.0", "1.26.4", True), ("3.6.0", "2.4.0", False), ("3.8.0", "2.5.2", True)],
+)
+def test_interpreter_numpy_bound(monkeypatch, triton_version, numpy_version, usable):
+    """Triton 3.6's interpreter fails with numpy >= 2.4 (TypeError converting one-element
+    arrays to scalars; seen here with numpy 2.4.6 and 2.5.5, not 2.3.5): the triton
+    backend says so on CPU instead of failing inside a kernel."""
+    import numpy
+
+    monkeypatch.setattr(backends, "TRITON_VERSION", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    reason = backends._interpreter_reason()
+    assert (reason is None) == usable, reason
+    if not usable:
+        assert "numpy < 2.4" in reason
