@@ -70,6 +70,7 @@ def device_unavailable_reason(device: torch.device) -> Optional[str]:
     return _arch_reason(index)
 
 
+@torch.compiler.assume_constant_result  # a Python value per device: no graph break when traced
 @functools.lru_cache(maxsize=None)
 def _arch_reason(device_index: int) -> Optional[str]:
     capability = tuple(torch.cuda.get_device_capability(device_index))
