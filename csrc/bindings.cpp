@@ -92,11 +92,14 @@ TORCH_LIBRARY(fastres, m) {
       "conv_bn_act_cuda(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
       "SymInt[] stride, SymInt[] padding, SymInt[] dilation, SymInt groups, str activation) -> Tensor");
 
-  // "" if conv_bn_act_cuda runs a conv with these channel counts and R x S
-  // window on a GPU of compute capability sm_major.x, else why not: the kernels'
-  // shape rules, asked by fastres._extension.cuda_conv_unsupported_reason to
-  // route backend=None elsewhere.
-  m.def("_conv_bn_act_cuda_unsupported(ScalarType dtype, int C, int K, int R, int S, int groups, int sm_major) -> str");
+  // "" if conv_bn_act_cuda runs conv2d(x (N, C, H, W), weight (K, C/groups, R, S),
+  // stride, padding, dilation, groups) on a GPU of compute capability
+  // sm_major.x, else why not: the kernels' one rule (dtype, channels, window,
+  // 32-bit coordinates, tensor sizes), which the op checks and
+  // fastres._extension.cuda_conv_unsupported_reason asks to route backend=None.
+  m.def(
+      "_conv_bn_act_cuda_unsupported(ScalarType dtype, int C, int H, int W, int K, int R, int S, int[] stride, "
+      "int[] padding, int[] dilation, int groups, int sm_major) -> str");
 #endif
 
   // The CUDA architectures of the compiled kernels, space-separated; "" when

@@ -160,7 +160,8 @@ def conv_key(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Ten
                      f"n{batch_bucket(x.shape[0])}", epilogue))
 
 
-def candidates(x: torch.Tensor, weight: torch.Tensor, groups: int, activation: str,
+def candidates(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], groups: int, activation: str,
                implemented: Sequence[str]) -> Tuple[str, ...]:
     """The usable candidates for this call, in :data:`MEASURE_ORDER`."""
     available = _available(str(x.device), tuple(implemented))
@@ -171,7 +172,8 @@ def candidates(x: torch.Tensor, weight: torch.Tensor, groups: int, activation: s
         elif name in available:
             if name == "cudnn" and not _cudnn.fused_form(x.dtype, activation):
                 continue  # without a fused form the cudnn backend *is* the stock candidate
-            if name == "cuda" and _extension.cuda_conv_unsupported_reason(x, weight, groups) is not None:
+            if name == "cuda" and _extension.cuda_conv_unsupported_reason(
+                    x, weight, stride, padding, dilation, groups) is not None:
                 continue
             out.append(name)
     return tuple(out)
@@ -365,7 +367,7 @@ def _key_and_candidates(x, weight, residual, stride, padding, dilation, groups, 
     found = _MEMO.get(memo)
     if found is None:
         found = (conv_key(x, weight, residual, stride, padding, dilation, groups, activation),
-                 candidates(x, weight, groups, activation, implemented))
+                 candidates(x, weight, stride, padding, dilation, groups, activation, implemented))
         with _LOCK:
             if len(_MEMO) >= 4096:  # many shapes (varying image sizes): start over
                 _MEMO.clear()
@@ -405,10 +407,10 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch
                  implemented: Sequence[str], run: Callable[[str], object]) -> str:
     """The candidate that runs this ``conv_bn_act`` call (measuring it first if it is new)."""
     if torch.compiler.is_compiling():
-        usable = candidates(x, weight, groups, activation, implemented)
+        usable = candidates(x, weight, stride, padding, dilation, groups, activation, implemented)
         return _constant_choice(conv_key(x, weight, residual, stride, padding, dilation, groups, activation), usable)
     if torch.jit.is_tracing():  # shapes are traced values here: the static rule
-        return static_choice(candidates(x, weight, groups, activation, implemented))
+        return static_choice(candidates(x, weight, stride, padding, dilation, groups, activation, implemented))
     key, usable = _key_and_candidates(x, weight, residual, stride, padding, dilation, groups, activation,
                                       implemented)
     entry = lookup(key)

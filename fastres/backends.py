@@ -2,7 +2,8 @@
 
 * ``"torch"``: the plain PyTorch reference (``fastres.reference``), any device.
 * ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-* ``"cuda"``: the compiled CUDA C++ kernels of ``fastres._C``; CUDA tensors.
+* ``"cuda"``: the compiled CUDA C++ kernels of ``fastres._C``; CUDA tensors of a GPU
+  whose architecture the kernels were compiled for (``_extension.runs_on``).
 * ``"cudnn"``: ``conv_bn_act`` only: cuDNN's fused convolution with the BN
   folded in (``fastres._cudnn``); CUDA tensors with cuDNN enabled.
 
@@ -13,6 +14,7 @@ for the tensors' device (on CPU that is always ``"torch"``); on CUDA,
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,6 +41,27 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _version(v: str) -> Tuple[int, int]:
+    major, minor = (int(p) for p in re.findall(r"\d+", v)[:2])
+    return major, minor
+
+
+def _interpreter_reason() -> Optional[str]:
+    """Why the Triton interpreter cannot run the kernels here, or None.
+
+    Triton 3.6's interpreter converts one-element arrays to Python scalars, which
+    numpy 2.4 refuses (TypeError); 3.8's runs with it (the two tested tritons).
+    """
+    import numpy
+
+    if _version(TRITON_VERSION) < (3, 8) and _version(numpy.__version__) >= (2, 4):
+        return (
+            f"the interpreter of triton {TRITON_VERSION} needs numpy < 2.4 (numpy {numpy.__version__} "
+            "is installed); install numpy<2.4 or triton>=3.8"
+        )
+    return None
+
+
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device``, or None if it can."""
     if backend == "torch":
@@ -46,8 +69,10 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "triton":
         if _TRITON_ERROR is not None:
             return _TRITON_ERROR
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+        if device.type == "cuda":
             return None
+        if device.type == "cpu" and triton_interpret():
+            return _interpreter_reason()
         return (
             f"triton kernels need CUDA tensors (got {device.type}); CPU tensors run only "
             "under the Triton interpreter (TRITON_INTERPRET=1 set before importing triton)"
@@ -58,7 +83,7 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return reason
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
-        return None
+        return _extension.device_unavailable_reason(device)
     if backend == "cudnn":
         return _cudnn.unavailable_reason(device)
     raise AssertionError(backend)

@@ -3,7 +3,8 @@
 # scripts/test.sh and scripts/bench.sh.
 #
 # Uses the active virtualenv if there is one, else creates ./.venv. Installs
-# torch (a CUDA build: the extension's CUDA kernels compile even without a GPU),
+# torch (a CUDA build: the extension's CUDA kernels compile even without a GPU;
+# the newest pip serves, or the versions of $FASTRES_CONSTRAINTS),
 # the test/benchmark dependencies, and builds fastres._C with nvcc when found.
 # TORCH_CUDA_ARCH_LIST defaults to this machine's GPU, or 9.0 without a GPU
 # (one architecture keeps CI builds short; `pip install .` alone builds
@@ -17,9 +18,11 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 
-python -m pip install -q --disable-pip-version-check \
-  "torch>=2.5" torchvision triton setuptools wheel ninja nvidia-cutlass \
-  pytest pytest-benchmark expecttest hypothesis numpy tqdm matplotlib timm onnx onnxruntime onnxscript
+# FASTRES_CONSTRAINTS: a pip constraints file pinning the versions (scripts/gpu_image.txt).
+python -m pip install -q --disable-pip-version-check ${FASTRES_CONSTRAINTS:+-c "$FASTRES_CONSTRAINTS"} \
+  "torch>=2.11" "torchvision>=0.26" "triton>=3.6" setuptools wheel ninja nvidia-cutlass \
+  pytest pytest-benchmark expecttest hypothesis numpy tqdm matplotlib timm \
+  onnx onnxruntime onnxscript
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

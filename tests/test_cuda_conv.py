@@ -47,8 +47,11 @@ def _sm_major() -> int:
     return torch.cuda.get_device_capability()[0] if HAS_GPU else 9
 
 
-def _unsupported(dtype, c, k, r=3, s=3, groups=1, major=9) -> str:
-    return torch.ops.fastres._conv_bn_act_cuda_unsupported(dtype, c, k, r, s, groups, major)
+def _unsupported(dtype, c, k, r=3, s=3, groups=1, major=9, h=56, w=56, stride=(1, 1), padding=(1, 1),
+                 dilation=(1, 1)) -> str:
+    return torch.ops.fastres._conv_bn_act_cuda_unsupported(
+        dtype, c, h, w, k, r, s, list(stride), list(padding), list(dilation), groups, major
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -126,7 +129,7 @@ def test_public_api_cuda_backend_refuses_cpu_tensors():
 @needs_op
 def test_predicate_without_cuda_tensors():
     x, w, *_ = _cpu_args()
-    reason = _extension.cuda_conv_unsupported_reason(x, w, 1)
+    reason = _extension.cuda_conv_unsupported_reason(x, w, [1, 1], [1, 1], [1, 1], 1)
     assert reason is not None and "CUDA tensors" in reason
 
 
@@ -156,6 +159,59 @@ def test_shape_rules(dtype, c, k, r, s, groups, major, expect):
         assert reason == ""
     else:
         assert expect in reason and "backend='triton'" in reason, reason
+
+
+@needs_op
+@pytest.mark.parametrize(
+    "dtype,c,k,h,w,r,stride,padding,expect",
+    [
+        # one image of x above 2^31 bytes: 16-bit 2^16 x 2^12 pixels x 8 channels = 2^32 bytes
+        (torch.float16, 8, 8, 2**16, 2**12, 1, 1, 0, "one input image"),
+        (torch.float16, 8, 8, 2**15, 2**12, 1, 1, 0, "one input image"),  # 2^31 bytes: one too many
+        (torch.float16, 8, 8, 2**14, 2**12, 1, 1, 0, None),  # 2^30 bytes
+        # the padded channels count: C=1 pads to 8, so 2^14 x 2^14 x 8 x 2 bytes = 2^32
+        (torch.float16, 1, 8, 2**14, 2**14, 1, 1, 0, "one input image"),
+        (torch.float16, 8, 2**14, 2**11, 2**11, 1, 1, 0, "one output image"),  # 2^22 pixels x 2^14 x 2 bytes
+        (torch.float16, 2**12, 2**12, 8, 8, 32, 1, 16, "the weight"),  # 2^24 x 32 x 32 x 2 bytes
+        (torch.float16, 8, 8, 7, 7, 3, 1, 2**30, "32-bit coordinates"),  # H + 2 * padding > 2^31 - 1
+        (torch.float16, 8, 8, 7, 7, 3, 2**31, 1, "32-bit coordinates"),
+    ],
+)
+def test_size_rules(dtype, c, k, h, w, r, stride, padding, expect):
+    """The C++ size rules (2^31-byte tensors, 32-bit coordinates) are part of the one rule
+    that routing asks, so backend=None sends such a conv to another backend instead of
+    the op raising (the op checks the same rule: test_size_rule_is_the_ops_rule)."""
+    reason = _unsupported(dtype, c, k, r, r, 1, 9, h, w, (stride, stride), (padding, padding))
+    if expect is None:
+        assert reason == ""
+    else:
+        assert expect in reason and "backend='triton'" in reason, reason
+
+
+@needs_op
+@pytest.mark.parametrize("h,r,stride,padding,want", [(3, 4, 2, 0, 0), (4, 4, 2, 0, 1), (3, 4, 2, 1, 1), (7, 3, 2, 1, 4)])
+def test_output_size_is_pytorchs(h, r, stride, padding, want):
+    """The C++ output size is PyTorch's (floor division): H=3, R=4, stride 2 has no output
+    (truncating division gave 1, a window starting past the input). The rule measures
+    the output image with it: an empty output costs no bytes."""
+    if want > 0:
+        assert F.conv2d(torch.zeros(1, 1, h, h), torch.zeros(1, 1, r, r), stride=stride, padding=padding).shape[2] == want
+    else:
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+            F.conv2d(torch.zeros(1, 1, h, h), torch.zeros(1, 1, r, r), stride=stride, padding=padding)
+    assert _layout.conv_out_size(h, r, stride, padding, 1) == want
+    # P x (2^17 - r + 1) output pixels of 2^14 fp16 channels: over 2^31 bytes unless P == 0
+    reason = _unsupported(torch.float16, 8, 2**14, r, r, 1, 9, h, 2**17, (stride, 1), (padding, 0))
+    assert (reason != "") == (want > 0), reason
+
+
+@needs_gpu
+def test_empty_output_is_rejected():
+    x = torch.randn(1, 8, 3, 3, device=DEV, dtype=torch.float16)
+    w = torch.randn(8, 8, 4, 4, device=DEV, dtype=torch.float16)
+    with pytest.raises(ValueError, match="output would be empty"):
+        torch.ops.fastres.conv_bn_act_cuda(x, w, torch.ones(8, device=DEV), torch.zeros(8, device=DEV), None,
+                                           [2, 2], [0, 0], [1, 1], 1, "relu")
 
 
 @needs_op
@@ -237,7 +293,8 @@ def _check(out, want, x, w, cv, what=""):
 
 
 def _supported(cv: Conv, dtype) -> bool:
-    return _unsupported(dtype, cv.c, cv.k, cv.r, cv.s, cv.groups, _sm_major()) == ""
+    return _unsupported(dtype, cv.c, cv.k, cv.r, cv.s, cv.groups, _sm_major(), cv.h, cv.w, cv.stride, cv.padding,
+                        cv.dilation) == ""
 
 
 def _model_cases(batch):
@@ -261,11 +318,11 @@ def _run_epilogues(cv, dtype, fmt, epilogues):
         x, w, scale, shift, r = _inputs(cv, dtype, fmt, residual=False)
         with pytest.raises(NotImplementedError, match="per group"):
             _run(cv, x, w, scale, shift, r, "relu")
-        assert _extension.cuda_conv_unsupported_reason(x, w, cv.groups) is not None
+        assert _extension.cuda_conv_unsupported_reason(x, w, *cv.conv_args()) is not None
         return
     x, w, scale, shift, r = _inputs(cv, dtype, fmt, residual=True)
     conv = _conv_ref(cv, x, w)
-    assert _extension.cuda_conv_unsupported_reason(x, w, cv.groups) is None
+    assert _extension.cuda_conv_unsupported_reason(x, w, *cv.conv_args()) is None
     for with_res, act in epilogues:
         rr = r if with_res else None
         out = _run(cv, x, w, scale, shift, rr, act)
@@ -494,5 +551,40 @@ def test_cuda_is_a_default_candidate_where_supported():
 
     cv = SMALL["c40k72-d2"]
     x, w, scale, shift, r = _inputs(cv, torch.float16)
-    assert _extension.cuda_conv_unsupported_reason(x, w, 1) is None
-    assert "cuda" in _tune.candidates(x, w, 1, "relu", ops.implemented_backends("conv_bn_act"))
+    assert _extension.cuda_conv_unsupported_reason(x, w, *cv.conv_args()) is None
+    assert "cuda" in _tune.candidates(x, w, *cv.conv_args(), "relu", ops.implemented_backends("conv_bn_act"))
+
+
+def _stem_extra_positions(r, s, c_pad=4, k_tile=32):
+    """The filter positions (r', s') past the R x S window that the stem kernel's
+    fixed-channels iterators read (docs/cuda_conv.md): its k-tiles cover k_tile / c_pad
+    positions each, so the last one runs from R*S up to the next multiple of that."""
+    per_tile = k_tile // c_pad
+    return [divmod(i, s) for i in range(r * s, -(-r * s // per_tile) * per_tile)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_stem_inf_reaches_exactly_the_documented_outputs(dtype):
+    """An Inf in the stem's input: the outputs F.conv2d gives agree (Inf/NaN where its
+    window holds the Inf), and exactly the outputs of docs/cuda_conv.md's rule differ:
+    those whose window, extended by the positions the last k-tile reads past R x S
+    (7x7: one more row, r = 7, s = 0..6), holds it become NaN in every channel."""
+    cv = Conv(2, 3, 40, 40, 64, 7, 7, (2, 2), (3, 3))
+    x, w, scale, shift, _ = _inputs(cv, dtype, "nchw", residual=False)
+    n0, h0, w0 = 1, 18, 22
+    x[n0, 1, h0, w0] = float("inf")
+    out = _run(cv, x, w, scale, shift, None, "identity").float()
+    want = _expected(_conv_ref(cv, x, w), scale, shift, None, "identity", dtype).float()
+    _, _, P, Q = out.shape
+    poisoned = torch.zeros(cv.n, P, Q, dtype=torch.bool, device=DEV)
+    for r, s in _stem_extra_positions(cv.r, cv.s):
+        p, pr = divmod(h0 + cv.padding[0] - r, cv.stride[0])
+        q, qr = divmod(w0 + cv.padding[1] - s, cv.stride[1])
+        if pr == 0 and qr == 0 and 0 <= p < P and 0 <= q < Q:
+            poisoned[n0, p, q] = True
+    assert poisoned.any(), "the case must put the Inf under an extra position"
+    assert want.isfinite().all(1)[poisoned].all(), "F.conv2d is finite at the poisoned outputs"
+    assert out.permute(0, 2, 3, 1)[poisoned].isnan().all(), "every channel of a poisoned output is NaN"
+    keep = ~poisoned[:, None].expand_as(out)
+    torch.testing.assert_close(out[keep], want[keep], **TOL[dtype], equal_nan=True)

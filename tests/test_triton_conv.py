@@ -242,7 +242,7 @@ def test_opcheck(name, requires_grad):
 def _key(case, dtype=torch.float16):
     x, w, scale, shift, r = conv_inputs(case, dtype, "nhwc", residual=True)
     _, args = conv._prepare(x, w, scale, shift, r, *case.conv_args(), "relu")
-    return tuple(args[k] for k in conv._conv_bn_act_kernel.keys)
+    return tuple(args[k] for k in conv.TUNE_KEY)
 
 
 def test_autotune_key_buckets_the_batch():
@@ -252,7 +252,9 @@ def test_autotune_key_buckets_the_batch():
     assert _key(base) == _key(same_bucket)
     assert _key(base) != _key(Case("k", 1, 16, 9, 9, 16, 3, 3, (2, 2), (1, 1)))  # M = 25
     assert _key(base) != _key(Case("k", 3, 16, 9, 9, 16, 3, 3, (1, 1), (1, 1)))  # stride
-    assert not {"M", "N", "H", "W", "P", "Q"} & set(conv._conv_bn_act_kernel.keys)
+    assert not {"M", "N", "H", "W", "P", "Q"} & set(conv.TUNE_KEY)
+    # the autotuner's own record of its key, where this triton has one (Autotuner.keys, not in 3.1)
+    assert getattr(conv._conv_bn_act_kernel, "keys", conv.TUNE_KEY) == conv.TUNE_KEY
 
 
 def _pruned(case, dtype, fmt="nhwc", residual=False):
@@ -300,7 +302,9 @@ def _acc_per_thread(cfg):
     [
         (torch.float16, "nhwc", False, 128),
         (torch.float16, "nhwc", True, 128),  # a vectorized NHWC residual: the big tiles stay
-        (torch.float16, "nchw", True, 64),  # scalar residual loads into an NCHW tile: they spill
+        (torch.float16, "nchw", False, 32 if conv.TRITON_VERSION < (3, 8) else 128),
+        # scalar residual loads into an NCHW tile: they spill (before triton 3.8 any NCHW tile above 32)
+        (torch.float16, "nchw", True, 32 if conv.TRITON_VERSION < (3, 8) else 64),
         (torch.float32, "nhwc", False, 32),  # exact fp32 (the fixture turns TF32 off): FMA units
         (torch.float64, "nhwc", False, 16),
     ],

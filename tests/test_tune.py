@@ -111,7 +111,7 @@ def test_first_call_measures_and_runs_the_fastest(tune, monkeypatch, fastest, mo
 
 def test_candidates_on_cpu_and_the_static_rule():
     x, w, _, _, _ = _conv()
-    usable = _tune.candidates(x, w, 1, "relu", IMPLEMENTED)
+    usable = _tune.candidates(x, w, [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
     expected = ("stock", "triton") if backends.unavailable_reason("triton", x.device) is None else ("stock",)
     assert usable == expected  # cudnn and cuda need CUDA tensors
     assert _tune.static_choice(("stock", "triton", "cuda", "cudnn")) == "cudnn"
@@ -123,15 +123,15 @@ def test_cudnn_candidate_only_with_a_fused_form(monkeypatch):
     """Without a fused cuDNN epilogue the cudnn backend is conv + bn_act, i.e. the stock candidate."""
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name != "cuda" else "no")
     x, w, _, _, _ = _conv()
-    assert "cudnn" in _tune.candidates(x, w, 1, "relu", IMPLEMENTED)
-    assert "cudnn" not in _tune.candidates(x, w, 1, "silu", IMPLEMENTED)
-    assert "cudnn" not in _tune.candidates(x.double(), w.double(), 1, "relu", IMPLEMENTED)
+    assert "cudnn" in _tune.candidates(x, w, [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
+    assert "cudnn" not in _tune.candidates(x, w, [1, 1], [1, 1], [1, 1], 1, "silu", IMPLEMENTED)
+    assert "cudnn" not in _tune.candidates(x.double(), w.double(), [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
 
 
 def test_a_failing_candidate_is_skipped(tune, monkeypatch):
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": RuntimeError("out of resources"), "stock": 2.0}))
     args = _conv()
-    usable = _tune.candidates(args[0], args[1], 1, "relu", IMPLEMENTED)
+    usable = _tune.candidates(args[0], args[1], [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
     if len(usable) < 2:
         pytest.skip("needs two candidates (the Triton interpreter)")
     assert _choose(args) == "stock"
@@ -267,7 +267,7 @@ def test_autotune_off_uses_known_else_static(tune, monkeypatch):
     timer = FakeTimer({})
     monkeypatch.setattr(_tune, "_timer", timer)
     args = _conv()
-    usable = _tune.candidates(args[0], args[1], 1, "relu", IMPLEMENTED)
+    usable = _tune.candidates(args[0], args[1], [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
     assert _choose(args) == _tune.static_choice(usable)
     assert timer.calls == [] and fastres.tune.choices() == {}  # the static rule is not remembered
     assert fastres.tune.used(reset=True)[_key(args)]["how"] == "static"
@@ -290,7 +290,7 @@ def test_graph_capture_and_jit_trace_never_measure(tune, monkeypatch):
     timer = FakeTimer({})
     monkeypatch.setattr(_tune, "_timer", timer)
     args = _conv()
-    static = _tune.static_choice(_tune.candidates(args[0], args[1], 1, "relu", IMPLEMENTED))
+    static = _tune.static_choice(_tune.candidates(args[0], args[1], [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED))
     monkeypatch.setattr(_tune, "_capturing", lambda device: True)
     assert _choose(args) == static
     monkeypatch.setattr(_tune, "_capturing", lambda device: False)
@@ -407,7 +407,7 @@ def test_gpu_first_call_times_every_usable_candidate(monkeypatch, tmp_path, act,
                                                                                   fmt=torch.channels_last))
         w = w.contiguous(memory_format=torch.channels_last)
         y = ops.conv_bn_act(x, w, scale, shift, r, padding=1, activation=act)
-        usable = _tune.candidates(x, w, 1, act, ops.implemented_backends("conv_bn_act"))
+        usable = _tune.candidates(x, w, [1, 1], [1, 1], [1, 1], 1, act, ops.implemented_backends("conv_bn_act"))
         entry = fastres.tune.choices()[_tune.conv_key(x, w, r, [1, 1], [1, 1], [1, 1], 1, act)]
         assert set(entry["ms"]) | set(entry.get("skipped", {})) == set(usable)
         assert entry["choice"] in entry["ms"] and ("cudnn" in usable) == (act == "relu")

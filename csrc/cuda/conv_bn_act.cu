@@ -111,13 +111,44 @@ int64_t group_min_tile_n(at::ScalarType dtype) {
   return dtype == at::kFloat ? 64 : 32;
 }
 
-// "" if conv_bn_act_cuda runs a convolution with these channel counts and
-// R x S window on a device of compute capability `major`.x, else why not (and
-// where to go). Everything else (N, H, W, stride, padding, dilation, memory
-// formats) is supported; batches are chunked under CUTLASS's 2^31-byte limit.
-std::string unsupported_reason(at::ScalarType dtype, int64_t C, int64_t K, int64_t R, int64_t S, int64_t groups,
-                               int major) {
+// The output size along one dimension, PyTorch's formula (floor division, as
+// at::native's conv_output_size and fastres/_layout.py conv_out_size): 0 when
+// the dilated window does not fit, which the op rejects. (Truncating division
+// gave 1 for H=3, R=4, stride 2: a window starting past the input.)
+int64_t conv_out_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  const int64_t span = size + 2 * padding - dilation * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+// One convolution's geometry, as both the op and the routing rule see it.
+struct ConvGeometry {
+  at::ScalarType dtype;
+  int64_t C, H, W, K, R, S, groups;
+  int64_t stride[2], padding[2], dilation[2];
+  int64_t P() const { return conv_out_size(H, R, stride[0], padding[0], dilation[0]); }
+  int64_t Q() const { return conv_out_size(W, S, stride[1], padding[1], dilation[1]); }
+  // The fixed-channels stem kernel: 16-bit, C <= 4, padded to 4 channels.
+  bool stem() const { return dtype != at::kFloat && groups == 1 && C <= 4; }
+  // Channels as the kernels see them: padded to the alignment when groups == 1
+  // (grouped shapes are aligned, see unsupported_reason).
+  int64_t c_pad() const {
+    const int64_t align = channel_alignment(dtype);
+    return groups > 1 ? C : (stem() ? 4 : std::max(round_up(C, align), align));
+  }
+  int64_t k_pad() const { return groups > 1 ? K : round_up(K, channel_alignment(dtype)); }
+};
+
+// "" if conv_bn_act_cuda runs the convolution `g` on a device of compute
+// capability `major`.x, else why not (and where to go). The one rule: the op
+// checks it, and backend=None routing asks it (fastres._extension.
+// cuda_conv_unsupported_reason, through _conv_bn_act_cuda_unsupported), so a
+// conv the kernels cannot take goes to another backend instead of raising.
+// N and the memory formats do not matter: batches are chunked under CUTLASS's
+// 2^31-byte tensor limit, so one image is what must fit.
+std::string unsupported_reason(const ConvGeometry& g, int major) {
   std::ostringstream os;
+  const at::ScalarType dtype = g.dtype;
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   if (major < 8) {
     os << "the CUDA conv kernels are Sm80 tensor-core kernels (cp.async, mma.sync) and need compute "
           "capability 8.0 or newer (Ampere, Ada, Hopper); this GPU has "
@@ -129,17 +160,32 @@ std::string unsupported_reason(at::ScalarType dtype, int64_t C, int64_t K, int64
           "(the kernels never lower precision silently); set it to True, or use float16/bfloat16";
   } else if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) {
     os << "dtype " << dtype_name(dtype) << " is not supported (float16, bfloat16, float32)";
-  } else if (R > 32 || S > 32) {
-    os << "a " << R << "x" << S << " window exceeds the 32x32 the optimized CUTLASS iterators' filter-position "
+  } else if (g.R > 32 || g.S > 32) {
+    os << "a " << g.R << "x" << g.S << " window exceeds the 32x32 the optimized CUTLASS iterators' filter-position "
           "masks hold";
-  } else if (groups > 1) {
-    const int64_t cg = C / groups, kg = K / groups;
-    const int64_t c_multiple = group_channel_multiple(dtype), n_multiple = group_min_tile_n(dtype);
-    if (cg % c_multiple != 0 || kg % n_multiple != 0) {
-      os << "grouped convolution with " << cg << " input and " << kg << " output channels per group (groups="
-         << groups << ") is not implemented for " << dtype_name(dtype) << ": the kernels need C/groups % "
-         << c_multiple << " == 0 and K/groups % " << n_multiple
-         << " == 0 (one threadblock tile inside one group, CUTLASS GroupMode::kSingleGroup)";
+  } else if (g.groups > 1 && ((g.C / g.groups) % group_channel_multiple(dtype) != 0 ||
+                              (g.K / g.groups) % group_min_tile_n(dtype) != 0)) {
+    os << "grouped convolution with " << g.C / g.groups << " input and " << g.K / g.groups
+       << " output channels per group (groups=" << g.groups << ") is not implemented for " << dtype_name(dtype)
+       << ": the kernels need C/groups % " << group_channel_multiple(dtype) << " == 0 and K/groups % "
+       << group_min_tile_n(dtype) << " == 0 (one threadblock tile inside one group, CUTLASS GroupMode::kSingleGroup)";
+  } else if (g.H + 2 * g.padding[0] > kInt32Max || g.W + 2 * g.padding[1] > kInt32Max ||
+             std::max({g.stride[0], g.stride[1], g.dilation[0], g.dilation[1]}) > kInt32Max) {
+    // CUTLASS's iterators compute input rows/columns h = p*stride - pad + r*dilation
+    // in int32 (ConvProblem holds ints); p*stride + r*dilation <= H + 2*pad - 1 for
+    // every output/filter position r < R, so these bounds keep all of it exact
+    // (the stem's positions past the window are bounds-checked on the final h
+    // and meet zero weights, see docs/cuda_conv.md).
+    os << "padding [" << g.padding[0] << ", " << g.padding[1] << "], stride [" << g.stride[0] << ", "
+       << g.stride[1] << "] and dilation [" << g.dilation[0] << ", " << g.dilation[1]
+       << "] overflow the kernels' 32-bit coordinates";
+  } else {
+    const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
+    const int64_t filter = g.k_pad() * g.R * g.S * (g.c_pad() / g.groups) * elem;
+    const int64_t image_in = g.H * g.W * g.c_pad() * elem, image_out = g.P() * g.Q() * g.k_pad() * elem;
+    if (filter > kMaxTensorBytes || image_in > kMaxTensorBytes || image_out > kMaxTensorBytes) {
+      os << "the weight (" << filter << " bytes), one input image (" << image_in << " bytes) and one output image ("
+         << image_out << " bytes) must each stay below 2^31 bytes (CUTLASS's 32-bit tensor offsets)";
     }
   }
   std::string reason = os.str();
@@ -303,12 +349,14 @@ void check_launch(const ConvLaunchResult& r, const ConvProblem& p, ConvTile tile
   if (r.status == 0) return;
   std::ostringstream os;
   os << kOp << ": CUTLASS " << r.stage << " failed (" << r.status_string;
-  if (r.cuda != cudaSuccess) os << "; CUDA error " << cudaGetErrorString(r.cuda);
+  if (r.cuda != cudaSuccess) os << "; CUDA error " << cudaGetErrorName(r.cuda) << ": " << cudaGetErrorString(r.cuda);
   os << ") for the " << tile_name(tile) << " kernel on N=" << p.N << " H=" << p.H << " W=" << p.W << " C=" << p.C
-     << " K=" << p.K << " R=" << p.R << " S=" << p.S << " P=" << p.P << " Q=" << p.Q << " groups=" << p.groups
-     << "; expected dense 16-byte-aligned NHWC/KRSC operands with C/groups and K/groups multiples of the "
-        "kernel's channel alignment and each tensor below 2^31 bytes (the host code guarantees these; "
-        "this is a bug)";
+     << " K=" << p.K << " R=" << p.R << " S=" << p.S << " P=" << p.P << " Q=" << p.Q << " groups=" << p.groups;
+  if (r.cuda == cudaSuccess) {  // CUTLASS refused the problem: the host code's preparation is wrong
+    os << "; expected dense 16-byte-aligned NHWC/KRSC operands with C/groups and K/groups multiples of the "
+          "kernel's channel alignment and each tensor below 2^31 bytes (the host code guarantees these; "
+          "this is a bug)";
+  }
   TORCH_CHECK(false, os.str());
 }
 
@@ -353,8 +401,9 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   // the batch chunking below (image_in == 0).
   TORCH_CHECK_VALUE(N == 0 || (H > 0 && W > 0), kOp, ": expected `x` with a non-empty image (H, W > 0) or an "
                     "empty batch, got ", x_in.sizes());
-  const int64_t P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) / stride[0] + 1;
-  const int64_t Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) / stride[1] + 1;
+  const ConvGeometry geom{dtype, C, H, W, K, R, S, groups, {stride[0], stride[1]}, {padding[0], padding[1]},
+                          {dilation[0], dilation[1]}};
+  const int64_t P = geom.P(), Q = geom.Q();
   TORCH_CHECK_VALUE(P >= 1 && Q >= 1, kOp, ": the convolution output would be empty (", P, "x", Q, "): input ",
                     x_in.sizes(), " is smaller than the dilated kernel ", R, "x", S, " with padding [", padding[0],
                     ", ", padding[1], "]");
@@ -364,7 +413,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   // scale/shift/residual: a float64 x legitimately comes with float64 vectors).
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int device = x_in.get_device();
-  const std::string reason = unsupported_reason(dtype, C, K, R, S, groups, device_major(device));
+  const std::string reason = unsupported_reason(geom, device_major(device));
   TORCH_CHECK_NOT_IMPLEMENTED(reason.empty(), kOp, ": ", reason);
 
   check_vector("scale", scale, K, x_in);
@@ -391,11 +440,9 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     return at::empty({N, K, P, Q}, x_in.options().memory_format(out_format));
   }
 
-  // Channel padding (groups == 1 only; grouped shapes are aligned, see unsupported_reason).
-  const int64_t align = channel_alignment(dtype);
-  const bool stem = dtype != at::kFloat && groups == 1 && C <= 4;
-  const int64_t c_pad = groups > 1 ? C : (stem ? 4 : std::max(round_up(C, align), align));
-  const int64_t k_pad = groups > 1 ? K : round_up(K, align);
+  // Channel padding (ConvGeometry::c_pad, k_pad).
+  const bool stem = geom.stem();
+  const int64_t c_pad = geom.c_pad(), k_pad = geom.k_pad();
 
   const at::Tensor x = nhwc(x_in, c_pad);
   const at::Tensor w = krsc(weight_in, k_pad, c_pad / groups);
@@ -417,27 +464,10 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   const ConvTile tile =
       stem ? ConvTile::kStem : choose_tile(kdtype, M, k_pad, groups, sm_count(device)).tile;
 
-  // Batch chunks: each launch keeps x, weight and output below 2^31 bytes.
+  // Batch chunks: each launch keeps x, weight and output below 2^31 bytes (unsupported_reason
+  // checked the weight and one image of each).
   const int64_t elem = x.element_size();
   const int64_t image_in = H * W * c_pad * elem, image_out = P * Q * k_pad * elem;
-  const int64_t filter_bytes = w.numel() * elem;
-  TORCH_CHECK_NOT_IMPLEMENTED(filter_bytes <= kMaxTensorBytes && image_in <= kMaxTensorBytes &&
-                                  image_out <= kMaxTensorBytes,
-                              kOp, ": the weight (", filter_bytes, " bytes), one input image (", image_in,
-                              " bytes) and one output image (", image_out,
-                              " bytes) must each stay below 2^31 bytes (CUTLASS's 32-bit tensor offsets); "
-                              "backend='triton' or backend='torch' runs it");
-  // CUTLASS's iterators compute input rows/columns h = p*stride - pad + r*dilation
-  // in int32 (ConvProblem holds ints); p*stride + r*dilation <= H + 2*pad - 1 for
-  // every output/filter position r < R, so these bounds keep all of it exact
-  // (the stem's positions past the window are bounds-checked on the final h
-  // and meet zero weights, see docs/cuda_conv.md).
-  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_NOT_IMPLEMENTED(H + 2 * padding[0] <= kInt32Max && W + 2 * padding[1] <= kInt32Max &&
-                                  std::max({stride[0], stride[1], dilation[0], dilation[1]}) <= kInt32Max,
-                              kOp, ": padding ", c10::IntArrayRef(padding), ", stride ", c10::IntArrayRef(stride),
-                              " and dilation ", c10::IntArrayRef(dilation),
-                              " overflow the kernels' 32-bit coordinates; backend='triton' or backend='torch' runs it");
   const int64_t chunk = std::max<int64_t>(1, std::min({N, kMaxTensorBytes / image_in, kMaxTensorBytes / image_out}));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
@@ -476,13 +506,20 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   return out;
 }
 
-// The shape rules without a GPU: `major` is the device's compute capability
-// major (torch.cuda.get_device_capability(device)[0]).
-std::string conv_bn_act_cuda_unsupported(at::ScalarType dtype, int64_t C, int64_t K, int64_t R, int64_t S,
-                                         int64_t groups, int64_t major) {
-  TORCH_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, "_conv_bn_act_cuda_unsupported: expected "
-                    "C and K divisible by groups >= 1, got C=", C, ", K=", K, ", groups=", groups);
-  return unsupported_reason(dtype, C, K, R, S, groups, static_cast<int>(major));
+// The one rule without a GPU: `major` is the device's compute capability
+// major (torch.cuda.get_device_capability(device)[0]); the other arguments as
+// the op takes them (x's C, H, W; weight's K, R, S).
+std::string conv_bn_act_cuda_unsupported(at::ScalarType dtype, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R,
+                                         int64_t S, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups, int64_t major) {
+  const char* op = "_conv_bn_act_cuda_unsupported";
+  TORCH_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, op, ": expected C and K divisible by "
+                    "groups >= 1, got C=", C, ", K=", K, ", groups=", groups);
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": expected `stride`, `padding` and `dilation` of 2 values each");
+  const ConvGeometry g{dtype, C, H, W, K, R, S, groups, {stride[0], stride[1]}, {padding[0], padding[1]},
+                       {dilation[0], dilation[1]}};
+  return unsupported_reason(g, static_cast<int>(major));
 }
 
 }  // namespace

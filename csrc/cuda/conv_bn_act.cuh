@@ -331,8 +331,8 @@ struct ConvBnActKernel {
   using Device = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
 };
 
-// can_implement, then initialize and run on `stream`. No workspace: split-K is
-// not used (split_k_slices == 1, kSerial), for which CUTLASS needs none.
+// can_implement, then the launch on `stream`. No workspace: split-K is not
+// used (split_k_slices == 1, kSerial), for which CUTLASS needs none.
 template <typename Config>
 ConvLaunchResult launch(const ConvProblem& p, cudaStream_t stream) {
   using Device = typename Config::Device;
@@ -372,17 +372,21 @@ ConvLaunchResult launch(const ConvProblem& p, cudaStream_t stream) {
   cutlass::Status status = Device::can_implement(args);
   if (status != cutlass::Status::kSuccess) return fail(status, "can_implement");
   if (Device::get_workspace_size(args) != 0) return fail(cutlass::Status::kErrorWorkspaceNull, "workspace");
-  Device op;
-  status = op.initialize(args, /*workspace=*/nullptr, stream);
-  if (status != cutlass::Status::kSuccess) {
-    result.cuda = cudaGetLastError();
-    return fail(status, "initialize");
+  // Device::initialize + Device::run, written out: Device::run reads (and so
+  // clears) the launch's CUDA error itself and returns only kErrorInternal,
+  // which would leave nothing to report. Here the error is kept in `cuda`.
+  using Kernel = typename Config::Kernel;
+  const typename Kernel::Params params(args, /*semaphore=*/nullptr);
+  const int smem = static_cast<int>(sizeof(typename Kernel::SharedStorage));
+  if (smem >= (48 << 10)) {
+    result.cuda = cudaFuncSetAttribute(cutlass::Kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (result.cuda != cudaSuccess) return fail(cutlass::Status::kErrorInternal, "initialize");
   }
-  status = op.run(stream);
-  if (status != cutlass::Status::kSuccess) {
-    result.cuda = cudaGetLastError();
-    return fail(status, "run");
-  }
+  const dim3 grid = typename Kernel::ThreadblockSwizzle().get_grid_shape(params.grid_tiled_shape);
+  const dim3 block(Kernel::kThreadCount, 1, 1);
+  cutlass::Kernel<Kernel><<<grid, block, smem, stream>>>(params);
+  result.cuda = cudaGetLastError();
+  if (result.cuda != cudaSuccess) return fail(cutlass::Status::kErrorInternal, "run");
   return result;
 }
 

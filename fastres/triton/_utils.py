@@ -10,9 +10,17 @@ tensors. Two consequences are handled here once:
 * The interpreter multiplies raw bit patterns in ``tl.dot`` on bf16 operands
   (triton-lang/triton#11584); kernels upcast bf16 dot operands to fp32 when
   ``DOT_UPCAST_BF16`` is set, which only the interpreter needs.
+
+Triton launches on the *current* CUDA device (and its current stream), not on
+the tensors' device; every op registered through ``triton_custom_op`` therefore
+runs under ``device_guard`` of its first argument (as the CUDA ops do with
+``CUDAGuard``), so a call with tensors on ``cuda:1`` launches there whatever
+the current device.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -25,11 +33,32 @@ DOT_UPCAST_BF16 = INTERPRET
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 
+def device_guard(t: torch.Tensor):
+    """A context in which Triton launches go to ``t``'s device (a no-op off CUDA, and
+    while torch.compile traces: the code it generates sets the device itself)."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
 def triton_custom_op(name: str):
-    """Register the decorated launcher as the custom op ``name`` (no mutated args)."""
+    """Register the decorated launcher as the custom op ``name`` (no mutated args),
+    run under ``device_guard`` of its first argument (a tensor, on the device of all
+    the others: the public API checks that)."""
     if _HAS_TRITON_OP and not INTERPRET:
-        return torch.library.triton_op(name, mutates_args=())
-    return torch.library.custom_op(name, mutates_args=())
+        register = torch.library.triton_op(name, mutates_args=())
+    else:
+        register = torch.library.custom_op(name, mutates_args=())
+
+    def decorate(fn):
+        @functools.wraps(fn)  # the schema is inferred from fn's signature (inspect follows __wrapped__)
+        def guarded(*args, **kwargs):
+            with device_guard(args[0]):
+                return fn(*args, **kwargs)
+
+        return register(guarded)
+
+    return decorate
 
 
 def wrap(kernel):

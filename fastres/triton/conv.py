@@ -45,12 +45,14 @@ of A starts at ``x + m*C + g*CG``, a plain GEMM with no spatial masks.
 Precision: fp16/bf16 on tensor cores with fp32 accumulation; fp32 inputs use
 TF32 when ``torch.backends.cudnn.allow_tf32`` is True (as cuDNN does) and exact
 fp32 (``input_precision="ieee"``) otherwise; fp64 (gradcheck) runs an fp64
-``tl.dot`` with an fp64 accumulator and epilogue.
+``tl.dot`` with an fp64 accumulator and epilogue (``out_dtype`` is passed: before
+triton 3.8 it defaults to fp32 whatever the accumulator).
 
 Address arithmetic is int64 wherever it scales with the batch (pixel rows of
 ``x``, ``residual`` and the output); per-image offsets and the weight stay
 int32 (a single image or weight tensor above 2**31 elements is not supported).
 """
+import re
 from typing import List, Optional
 
 import torch
@@ -108,6 +110,12 @@ TUNE_KEY = [
 
 _SMEM_FALLBACK = 232448  # an H100's opt-in shared memory per block, for non-CUDA pruning
 
+# The register rules differ by Triton version (measured with
+# scripts/triton_compile_check.py under 3.6 and 3.8): before 3.8 the transposed
+# NCHW epilogue keeps more of the tile live, so NCHW outputs need smaller tiles.
+TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+_NCHW_TIGHT = TRITON_VERSION < (3, 8)
+
 
 def _smem_limit(device: torch.device) -> int:
     """Shared memory one program may use on ``device`` (torch caches the properties)."""
@@ -124,13 +132,16 @@ def _is_flat(cg: int, block_k: int) -> bool:
     return cg % block_k != 0
 
 
-def smem_bytes(cfg, elem: int) -> int:
+def smem_bytes(cfg, elem: int, out_nhwc: bool = True) -> int:
     """The pruner's bound on the shared memory of ``cfg`` for ``elem``-byte inputs:
     ``num_stages`` buffers of an A and a B tile. On sm_90 the compiled kernel uses
     exactly this on the pipelined tensor-core paths and less elsewhere (checked by
-    ``scripts/triton_compile_check.py``); the epilogue reuses the buffers."""
+    ``scripts/triton_compile_check.py``); the epilogue reuses the buffers. An NCHW
+    output's transposed epilogue stages the fp32 tile (``BLOCK_M * BLOCK_N * 4``
+    bytes) through them, which triton 3.6 allocates beyond them when they are smaller."""
     k = cfg.kwargs
-    return (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem * cfg.num_stages
+    pipeline = (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * elem * cfg.num_stages
+    return pipeline if out_nhwc else max(pipeline, k["BLOCK_M"] * k["BLOCK_N"] * 4)
 
 
 def fits_registers(cfg, args) -> bool:
@@ -145,6 +156,8 @@ def fits_registers(cfg, args) -> bool:
     * a residual read into an NCHW output tile costs one register per element
       (scalar loads): acc <= 64 (an NHWC residual is read vectorized and packed;
       128 spills a few hundred bytes there, once per tile, kept for the big GEMMs);
+    * before triton 3.8 (3.6 measured) any NCHW output, TF32 included: acc <= 32
+      (64 spills 0.4-2 KB there, 128 up to 8 KB; 3.8 spills none);
     * the flat reduction decodes (r, s, c) and a padding mask per element of the
       A tile: A elements per thread <= 32 and acc + A <= 96.
     """
@@ -154,6 +167,8 @@ def fits_registers(cfg, args) -> bool:
     elem = args["x_ptr"].element_size()
     if args["IS_FP64"]:
         limit = 16
+    elif _NCHW_TIGHT and not args["OUT_NHWC"]:
+        limit = 32
     elif elem == 4:
         limit = 32 if args["INPUT_PRECISION"] == "ieee" else 64
     elif args["HAS_RES"] and not args["OUT_NHWC"]:
@@ -189,7 +204,7 @@ def prune_configs(configs, named_args, **kwargs):
     kept = []
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        if smem_bytes(cfg, elem) > limit or not fits_registers(cfg, args):
+        if smem_bytes(cfg, elem, args["OUT_NHWC"]) > limit or not fits_registers(cfg, args):
             continue
         if bn > max_n or bm > max_m:
             continue
@@ -282,7 +297,7 @@ def _conv_bn_act_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     else:
         # BLOCK_K divides CG: each step is one (r, s) and BLOCK_K contiguous channels.
         NCB = CG // BLOCK_K
@@ -305,7 +320,7 @@ def _conv_bn_act_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     # Epilogue, at accumulator precision: BN, residual, activation, one cast.
     scale = tl.load(scale_ptr + offs_k, mask=n_ok, other=0.0).to(acc.dtype)

@@ -315,7 +315,7 @@ def bn_act_triton(
     num_k_blocks = triton.cdiv(k, block_k)
     grid = (triton.cdiv(rows, block_r) * num_k_blocks,)
     wrap(_bn_act_fwd_kernel)[grid](
-        x, scale.contiguous(), shift.contiguous(), residual if residual is not None else x, y,
+        x, scale.contiguous(), shift.contiguous(), residual, y,  # residual: None (unread) without one
         rows, k, c, num_k_blocks,
         CHANNELS_LAST=channels_last, HAS_RES=residual is not None, ACT=ACT_CODES[activation],
         FP64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_K=block_k,
@@ -364,8 +364,8 @@ def bn_act_backward_triton(
     part_scale = torch.empty((num_parts, c), dtype=cdtype, device=x.device)
     part_shift = torch.empty((num_parts, c), dtype=cdtype, device=x.device)
     wrap(_bn_act_bwd_kernel)[(num_parts * num_c_blocks,)](
-        grad, x, scale.contiguous(), shift.contiguous(), residual if residual is not None else x,
-        grad_x, grad_z if residual_grad else grad_x, part_scale, part_shift,
+        grad, x, scale.contiguous(), shift.contiguous(), residual,  # None (unread) without a residual:
+        grad_x, grad_z if residual_grad else None, part_scale, part_shift,  # no argument aliases another
         rows, k, c, num_c_blocks, num_k_tiles, num_tiles, tiles_per_prog,
         CHANNELS_LAST=channels_last, HAS_RES=residual is not None, STORE_GZ=residual_grad,
         ACT=ACT_CODES[activation], FP64=fp64, BLOCK_R=block_r, BLOCK_K=block_k,
