@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
+from fastres.nn import _fuse
 from fastres.nn import modules as _m
 from fastres.nn.modules import BasicBlock, Bottleneck, FusedModule, conv1x1
 
@@ -143,7 +144,7 @@ class ResNet(FusedModule):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self._conv_bn("bn1", x, self.conv1, self.bn1, self.relu)
-        x = self.maxpool(x)
+        x = _fuse.max_pool(self.maxpool, x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
