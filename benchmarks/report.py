@@ -56,6 +56,8 @@ TRAIN_COLUMNS: List[Column] = [
     ("", "dtype", lambda r: ("amp " if r.get("amp") else "") + str(r.get("dtype"))),
     ("layout", "layout", _fmt("{}")), ("images_per_s", "img/s", _fmt("{:.1f}")), ("ms", "ms/step", _fmt("{:.3g}")),
     ("", "p20-p80", _range), ("peak_mem_mib", "peak MiB", _fmt("{:.0f}")),
+    ("saved_mib", "saved for bwd MiB", _fmt("{:.0f}")), ("saved_vs_tv", "saved vs tv", _fmt("{:.2f}x")),
+    ("saved_vs_tv_compile", "saved vs tv-compile", _fmt("{:.2f}x")),
     ("rel_l2_err", "rel-L2 err (step 1 logits)", _fmt("{:.2e}")),
     ("speedup_vs_tv_same", "vs tv same dtype", _fmt("{:.2f}x")),
 ]

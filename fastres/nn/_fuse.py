@@ -309,9 +309,11 @@ class _ConvBNActRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, residual, conv_args, act_prev, act,
-                eps, backend):
+                eps, backend, update_stats):
         _, yc, var, mean_c, center = _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev,
                                                  backend)
+        if update_stats is not None:
+            update_stats(var, mean_c, center)
         _, scale, shift = _scale_shift(var, mean_c, eps, bn_weight, bn_bias)
         out = ops.bn_act(yc, scale, shift, residual, act, backend=backend)
         return out, var, mean_c, center
@@ -319,7 +321,7 @@ class _ConvBNActRecompute(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         (src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, residual, conv_args, act_prev, act, eps,
-         backend) = inputs
+         backend, _) = inputs
         out, var, mean_c, center = output
         ctx.mark_non_differentiable(var, mean_c, center)
         # act'(z) needs z = yc * scale + shift + residual; without residual yc gives it.
@@ -366,7 +368,7 @@ class _ConvBNActRecompute(torch.autograd.Function):
         return grads + (
             None if grad_bn_weight is None else grad_bn_weight.to(bn_weight.dtype),
             None if grad_bn_bias is None else grad_bn_bias.to(bn_bias.dtype),
-            grad_res, None, None, None, None, None,
+            grad_res, None, None, None, None, None, None,
         )
 
 
@@ -385,19 +387,26 @@ def _train_unit(
     fused_act = "identity" if name is None else name
     deferred = defer and residual is None and name is not None
     n = _values_per_channel(src, weight, conv_args)
+    update = lambda var, mean_c, center: _update_running_stats(bn, var, mean_c, center, n)  # noqa: E731
     if memory == "min" and not deferred:
+        # Eager: the running statistics are updated inside the function's forward, before it
+        # saves anything: torch.utils.checkpoint's recomputation stops once the last tensor of
+        # the region is saved again, and this unit may save it (torchvision's BN updates its
+        # statistics before its ReLU saves). torch.compile traces no buffer mutation inside an
+        # autograd function: there the update follows it.
+        inline = not torch.compiler.is_compiling()
         residual = _cast(residual, src.dtype if low is not None else None)
         out, var, mean_c, center = _ConvBNActRecompute.apply(
             src, scale_prev, shift_prev, weight, bias, bn.weight, bn.bias, residual, conv_args, act_prev,
-            fused_act, bn.eps, backend,
+            fused_act, bn.eps, backend, update if inline else None,
         )
-    else:
-        yc, var, mean_c, center = _ConvBatchStats.apply(
-            src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend
-        )
-    _update_running_stats(bn, var, mean_c, center, n)
-    if memory == "min" and not deferred:
+        if not inline:
+            update(var, mean_c, center)
         return out if name is not None else act(out)
+    yc, var, mean_c, center = _ConvBatchStats.apply(
+        src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend
+    )
+    update(var, mean_c, center)
     _, scale, shift = _scale_shift(var, mean_c, bn.eps, bn.weight, bn.bias)
     if deferred:
         return PendingBN(yc, scale, shift, name)
