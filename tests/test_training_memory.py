@@ -276,3 +276,41 @@ def test_timm_gradient_checkpointing(mode):
     out.sum().backward(), expected.sum().backward()
     for (name, p), q in zip(ref.named_parameters(), fr.parameters()):
         assert _rel(q.grad, p.grad) < 1e-9, name
+
+
+@pytest.mark.parametrize("mode", ["low", "min"])
+def test_torch_compile_train(mode):
+    """fullgraph (no graph break) through the training units; gradients and running stats as eager."""
+    torch._dynamo.reset()
+    fr, _ = _pair("resnet18", mode, "nhwc")
+    fr = fr.float()
+    ref = copy.deepcopy(fr)
+    compiled = torch.compile(fr, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    out, expected = compiled(x), ref(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward(), expected.sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), fr.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-4, name
+    for (name, b), c in zip(ref.named_buffers(), fr.buffers()):
+        assert _rel(c.double(), b.double()) < 1e-6 if b.is_floating_point() else torch.equal(b, c), name
+
+
+@pytest.mark.parametrize("mode", ["low", "min"])
+def test_deferred_unit_meets_frozen_bn_and_hooks(mode):
+    """A unit's pending BN-act is applied as a tensor when the next unit does not run
+    the training path: a frozen (eval) BN, or a conv with a hook."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet.Bottleneck(16, 4).double().train()
+    fr = fastres.set_training_memory(fastres.convert(copy.deepcopy(tv), warn=False), mode)
+    for m in (tv, fr):
+        m.bn2.eval()
+    fr.conv3.register_forward_hook(lambda *a: None)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    out, expected = fr(x), tv(x)
+    assert _rel(out, expected) < 1e-9
+    out.sum().backward(), expected.sum().backward()
+    for (name, p), q in zip(tv.named_parameters(), fr.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-9, name
+    for (name, b), c in zip(tv.named_buffers(), fr.buffers()):
+        assert _rel(c.double(), b.double()) < 1e-9 if b.is_floating_point() else torch.equal(b, c), name

@@ -9,16 +9,27 @@ given, what can run fused and what must run as the original modules:
   plus ``scale * conv.bias`` when the conv has a bias) and the residual and
   activation in the epilogue.
 * **BN with batch statistics** (``bn.train()``, or ``track_running_stats=False``):
-  ``F.conv2d``, then the batch mean and biased variance in fp32
-  (``torch.var_mean`` over ``(0, 2, 3)``) as ``scale = weight * rstd`` and
-  ``shift = bias - mean * scale``, then one ``fastres.ops.bn_act`` for
-  normalize + residual + activation (on the conv output centered on its
-  detached batch mean, for an fp32-accurate backward: see
-  :func:`batch_scale_shift`). Autograd flows through ``scale``/``shift``
-  into ``weight``, ``bias`` and the batch statistics, which is exactly
-  ``nn.BatchNorm2d``'s gradient. Running statistics are updated as
-  ``nn.BatchNorm2d`` does (momentum, ``momentum=None`` as a cumulative average,
-  unbiased variance, ``num_batches_tracked``), under ``no_grad``.
+  one autograd function per unit (:class:`_ConvBatchStats`): ``F.conv2d``,
+  the conv output ``yc`` centered on its detached batch mean (for an
+  fp32-accurate backward), its biased variance and mean in fp32
+  (``torch.var_mean`` over ``(0, 2, 3)``); then ``scale = weight * rstd``,
+  ``shift = bias - mean * scale`` and one ``fastres.ops.bn_act`` for
+  normalize + residual + activation. The gradients are exactly
+  ``nn.BatchNorm2d``'s. Running statistics are updated as ``nn.BatchNorm2d``
+  does (momentum, ``momentum=None`` as a cumulative average, unbiased
+  variance, ``num_batches_tracked``), under ``no_grad``.
+
+  Memory: a unit whose output only feeds the next unit's conv (``defer=True``)
+  returns a :class:`PendingBN` instead of its activation; the next unit
+  applies it inside its own autograd function, so the activation is never
+  saved: the backward recomputes it in the fused ``bn_act`` backward
+  (``output=True``) for the conv's weight gradient. Each unit keeps its ``yc``
+  (which its BN backward needs anyway: not the activation, because BN's input
+  gradient needs the normalized value everywhere, also where ReLU's gradient
+  is zero, and ReLU is not invertible). ``memory="min"``
+  (``fastres.set_training_memory``) runs the other units (a block's last, the
+  downsample) as :class:`_ConvBNActRecompute`, which keeps no ``yc`` and
+  recomputes the conv in the backward.
 * **Anything else** (a conv that is not a plain zero-padded ``nn.Conv2d``, a norm
   that is not a ``BatchNorm2d``, a training ``SyncBatchNorm``, modules with
   hooks): the original modules, ``act(bn(conv(x)) + residual)``, exactly as
@@ -259,14 +270,18 @@ def _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, a, need):
 
 def _stats_backward(yc: Tensor, mean_c: Tensor, grad_yc: Optional[Tensor], grad_var, grad_mean) -> Tensor:
     """The gradient of ``y`` (= that of ``yc``) given those of ``yc`` and of
-    ``torch.var_mean(yc, (0, 2, 3), correction=0)``, rounded once to ``yc``'s dtype."""
+    ``torch.var_mean(yc, (0, 2, 3), correction=0)``, rounded once to ``yc``'s dtype.
+
+    ``var_mean``'s backward is ``grad_mean / n + 2 * grad_var / n * (yc - mean_c)``,
+    i.e. ``a[c] + b[c] * yc``: one ``addcmul`` pass over ``yc``.
+    """
     n = yc.numel() // yc.shape[1]
     ct = mean_c.dtype
-    g = torch.zeros_like(mean_c) if grad_mean is None else grad_mean / n
-    g = g.view(1, -1, 1, 1)
-    if grad_var is not None:
-        g = g + (grad_var * (2.0 / n)).view(1, -1, 1, 1) * (yc.to(ct) - mean_c.view(1, -1, 1, 1))
-    return (g if grad_yc is None else grad_yc.to(ct) + g).to(yc.dtype)
+    a = torch.zeros_like(mean_c) if grad_mean is None else grad_mean / n
+    b = torch.zeros_like(mean_c) if grad_var is None else grad_var * (2.0 / n)
+    a = (a - b * mean_c).view(1, -1, 1, 1)
+    base = a.expand(yc.shape) if grad_yc is None else grad_yc.to(ct) + a
+    return torch.addcmul(base, yc.to(ct), b.view(1, -1, 1, 1)).to(yc.dtype)
 
 
 def _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend):
