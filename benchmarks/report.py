@@ -298,6 +298,11 @@ METHOD = """\
 - **Training** (`--suite train`): one step = forward, cross-entropy, backward, SGD with momentum,
   `zero_grad(set_to_none=True)`; on a GPU under autocast to the dtype with fp32 weights. The error
   is that of the first step's logits against torchvision fp32 in train mode (batch statistics).
+  "Saved for bwd" is the bytes of the distinct storages autograd saves during the first step's
+  forward (`benchmarks/saved.py`: `saved_tensors_hooks`, parameters included; the same on any
+  device), against torchvision eager (`saved vs tv`) and `torch.compile`d torchvision
+  (`saved vs tv-compile`, whose partitioner recomputes cheap ops) in the same dtype and layout.
+  `fastres-<backend>-min` rows use `fastres.set_training_memory(model, "min")`.
 - On a GPU, `torch.backends.cudnn.benchmark` is on for every provider (cuDNN picks its fastest
   algorithms, as Triton autotunes), unless `--no-cudnn-benchmark`; TF32 settings are PyTorch's
   defaults (recorded in the environment). `tv-compile-max-autotune` uses CUDA graphs (that mode's
