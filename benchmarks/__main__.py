@@ -175,7 +175,8 @@ def run_suite(suite: str, cfg: Config, device: torch.device, peaks: dict, budget
         finally:
             if bar is not None:
                 bar.close()
-    provs = [p for p in bench_models.train_providers(device, dtype) if _keep(p.name, cfg, p.name == "tv-eager")]
+    provs = [p for p in bench_models.train_providers(device, dtype) if _keep(p.name, cfg, p.name == "tv-eager")
+             and (cfg.compile_modes or p.compile_mode is None)]
     bar = _progress(len(provs) * len(cfg.train_archs) * len(cfg.train_batches), "train")
     try:
         return bench_models.run_train(cfg.train_archs, cfg.train_batches, device, provs, image_size=cfg.image_size,

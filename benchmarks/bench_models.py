@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.saved import saved_bytes
 from benchmarks.timing import bench_interleaved, synchronize, time_iterations
 from fastres import tune
 
@@ -59,11 +60,12 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 @dataclass(frozen=True)
 class ModelProvider:
-    name: str  # tv-eager, tv-fx-fuse, tv-cudagraph, tv-compile[-max-autotune], fastres-<b>, fastres-cudagraph, fastres-compile
+    name: str  # tv-eager, tv-fx-fuse, tv-cudagraph, tv-compile[-max-autotune], fastres-<b>[-min], fastres-cudagraph, fastres-compile
     dtype: torch.dtype
     layout: str  # "nchw" or "channels_last"
     backend: Optional[str] = None  # the fastres backend (None for torchvision)
     amp: bool = False  # training: autocast to dtype with fp32 weights
+    training_memory: str = "low"  # fastres.set_training_memory mode (fastres training rows)
 
     @property
     def fastres(self) -> bool:
@@ -158,15 +160,24 @@ def host_overhead_providers(device: torch.device) -> List[ModelProvider]:
 
 def train_providers(device: torch.device, dtype: torch.dtype) -> List[ModelProvider]:
     """Training providers: torchvision eager and fastres in the same dtype and layout
-    (GPU: autocast to ``dtype``, fp32 weights, channels_last; CPU: fp32, and NCHW too)."""
+    (GPU: autocast to ``dtype``, fp32 weights, channels_last; CPU: fp32, and NCHW too),
+    fastres also with ``training_memory="min"`` (``fastres-<backend>-min``), and
+    ``torch.compile`` of torchvision (``tv-compile``: its partitioner recomputes
+    cheap ops in the backward, the baseline for the saved bytes)."""
     cl = "channels_last"
     if device.type != "cuda":
         f32 = torch.float32
         return [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", f32, cl),
-                *(ModelProvider(f"fastres-{b}", f32, cl, b) for b in train_backends(device))]
+                *(ModelProvider(f"fastres-{b}", f32, cl, b) for b in train_backends(device)),
+                *(ModelProvider(f"fastres-{b}-min", f32, cl, b, training_memory="min")
+                  for b in train_backends(device)),
+                ModelProvider("tv-compile", f32, cl)]
     amp = dtype != torch.float32
     return [ModelProvider("tv-eager", dtype, cl, amp=amp),
-            *(ModelProvider(f"fastres-{b}", dtype, cl, b, amp=amp) for b in train_backends(device))]
+            *(ModelProvider(f"fastres-{b}", dtype, cl, b, amp=amp) for b in train_backends(device)),
+            *(ModelProvider(f"fastres-{b}-min", dtype, cl, b, amp=amp, training_memory="min")
+              for b in train_backends(device)),
+            ModelProvider("tv-compile", dtype, cl, amp=amp)]
 
 
 # ----------------------------------------------------------------------------
@@ -196,7 +207,7 @@ def _prepare(p: ModelProvider, base: nn.Module, device: torch.device, train: boo
     import fastres
 
     if p.fastres:
-        model = fastres.convert(base, backend=p.backend, warn=False)
+        model = fastres.set_training_memory(fastres.convert(base, backend=p.backend, warn=False), p.training_memory)
     elif p.name == "tv-fx-fuse":
         from torch.fx.experimental.optimization import fuse
 
@@ -286,6 +297,7 @@ class _Prepared:
     logits: torch.Tensor  # the first call's logits, fp32
     keep: tuple = ()  # objects the fn needs alive (model, graph, optimizer)
     extra: Optional[dict] = None  # more columns for the row (weights_mib, prepared_mib)
+    saved_bytes: Optional[int] = None  # training: bytes saved for backward by the first step's forward
 
 
 def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, device: torch.device) -> _Prepared:
@@ -327,11 +339,19 @@ def _setup_train(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels: tor
     model = _prepare(p, base, device, train=True)
     xin = _input(x, p)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    first_logits = []
+    fwd = model
+    if p.compile_mode is not None:
+        torch._dynamo.reset()
+        fwd = torch.compile(model, mode=None if p.compile_mode == "default" else p.compile_mode, dynamic=False)
+    first_logits, saved = [], []
 
     def step():
         with torch.autocast(device.type, dtype=p.dtype) if p.amp else contextlib.nullcontext():
-            out = model(xin)
+            if not first_logits:  # the first step also counts what its forward saves for backward
+                nbytes, out = saved_bytes(fwd, xin)
+                saved.append(nbytes)
+            else:
+                out = fwd(xin)
             loss = F.cross_entropy(out.float(), labels)
         if not first_logits:
             first_logits.append(out.detach().float().clone())
@@ -342,7 +362,8 @@ def _setup_train(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels: tor
     t0 = time.perf_counter()
     step()
     synchronize(device)
-    return _Prepared(step, time.perf_counter() - t0, first_logits[0], (model, opt, xin))
+    return _Prepared(step, time.perf_counter() - t0, first_logits[0], (model, fwd, opt, xin),
+                     saved_bytes=saved[0])
 
 
 def _tune_summary(used: Dict[str, dict]) -> dict:
@@ -412,8 +433,8 @@ def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch
                     torch.cuda.reset_peak_memory_stats(device)
                     t = time_iterations(prep.fn, device, trials=trials, trial_ms=trial_ms, warmup=2)
                     t["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / MiB
-                    measured.append((p, {**t, "first_call_s": prep.first_s, **(prep.extra or {}), **choices},
-                                     prep.logits))
+                    measured.append((p, {**t, **_saved(prep), "first_call_s": prep.first_s, **(prep.extra or {}),
+                                         **choices}, prep.logits))
                 except Exception as e:  # noqa: BLE001 - a provider failing (OOM, no backend) is reported
                     skip(p, _skip_reason(e))
                 prep = None
@@ -424,7 +445,8 @@ def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch
             if prepared:
                 stats = bench_interleaved({p.key: v.fn for p, v in prepared.items()}, warmup=1, min_reps=trials)
                 for p, v in prepared.items():
-                    measured.append((p, {**stats[p.key], "first_call_s": v.first_s, **(v.extra or {})}, v.logits))
+                    measured.append((p, {**stats[p.key], **_saved(v), "first_call_s": v.first_s, **(v.extra or {})},
+                                     v.logits))
                     if progress is not None:
                         progress.update(1)
                 prepared.clear()
@@ -435,6 +457,10 @@ def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch
             del x, labels, ref, measured
             _cleanup(device, any(p.compile_mode for p in provs))
     return rows
+
+
+def _saved(prep: _Prepared) -> Dict[str, float]:
+    return {} if prep.saved_bytes is None else {"saved_mib": prep.saved_bytes / MiB}
 
 
 def run_eval(archs: Sequence[str], batches: Sequence[int], device: torch.device, providers_for, *,
@@ -467,3 +493,10 @@ def _add_speedups(rows: List[dict]) -> None:
         same = find(r["dtype"], r["layout"]) or find(r["dtype"], "channels_last")
         r["speedup_vs_tv_fp32"] = fp32 / r["ms"] if fp32 else None
         r["speedup_vs_tv_same"] = same / r["ms"] if same else None
+    # Training: saved-for-backward bytes against torchvision eager and torch.compile, same dtype and layout.
+    for base, col in (("tv-eager", "saved_vs_tv"), ("tv-compile", "saved_vs_tv_compile")):
+        for r in rows:
+            ref = next((b.get("saved_mib") for b in rows if b["provider"] == base and b["dtype"] == r["dtype"]
+                        and b["layout"] == r["layout"]), None)
+            if r.get("saved_mib") is not None and ref:
+                r[col] = r["saved_mib"] / ref

@@ -58,6 +58,8 @@ TRAIN_COLUMNS: List[Column] = [
     ("", "dtype", lambda r: ("amp " if r.get("amp") else "") + str(r.get("dtype"))),
     ("layout", "layout", _fmt("{}")), ("images_per_s", "img/s", _fmt("{:.1f}")), ("ms", "ms/step", _fmt("{:.3g}")),
     ("", "p20-p80", _range), ("peak_mem_mib", "peak MiB", _fmt("{:.0f}")),
+    ("saved_mib", "saved for bwd MiB", _fmt("{:.0f}")), ("saved_vs_tv", "saved vs tv", _fmt("{:.2f}x")),
+    ("saved_vs_tv_compile", "saved vs tv-compile", _fmt("{:.2f}x")),
     ("rel_l2_err", "rel-L2 err (step 1 logits)", _fmt("{:.2e}")),
     ("speedup_vs_tv_same", "vs tv same dtype", _fmt("{:.2f}x")),
 ]
@@ -337,6 +339,11 @@ METHOD = """\
 - **Training** (`--suite train`): one step = forward, cross-entropy, backward, SGD with momentum,
   `zero_grad(set_to_none=True)`; on a GPU under autocast to the dtype with fp32 weights. The error
   is that of the first step's logits against torchvision fp32 in train mode (batch statistics).
+  "Saved for bwd" is the bytes of the distinct storages autograd saves during the first step's
+  forward (`benchmarks/saved.py`: `saved_tensors_hooks`, parameters included; the same on any
+  device), against torchvision eager (`saved vs tv`) and `torch.compile`d torchvision
+  (`saved vs tv-compile`, whose partitioner recomputes cheap ops) in the same dtype and layout.
+  `fastres-<backend>-min` rows use `fastres.set_training_memory(model, "min")`.
 - On a GPU, `torch.backends.cudnn.benchmark` is on for every provider (cuDNN picks its fastest
   algorithms, as Triton autotunes), unless `--no-cudnn-benchmark`; TF32 settings are PyTorch's
   defaults (recorded in the environment). `tv-compile-max-autotune` uses CUDA graphs (that mode's

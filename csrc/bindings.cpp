@@ -72,10 +72,13 @@ TORCH_LIBRARY(fastres, m) {
   // Backward of bn_act in one pass: with z = x * scale[c] + shift[c] (+ residual)
   // and gz = grad * act'(z), returns (grad_x = gz * scale[c], grad_z = gz if
   // residual_grad else an empty tensor, grad_scale[c] = sum_{n,h,w} gz * x,
-  // grad_shift[c] = sum_{n,h,w} gz). Deterministic reductions.
+  // grad_shift[c] = sum_{n,h,w} gz, y = act(z), the forward output recomputed
+  // in the same pass, if output else an empty tensor). Deterministic reductions.
+  // The training path keeps x (a conv output) for backward instead of y and
+  // gets y back here for the weight gradient of the next conv (fastres/nn/_fuse.py).
   m.def(
       "bn_act_backward_cuda(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
-      "str activation, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "str activation, bool residual_grad, bool output=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
 #ifdef FASTRES_WITH_CUTLASS
   // y = act(conv2d(x, weight, stride, padding, dilation, groups) * scale[k] + shift[k] (+ residual)):

@@ -14,7 +14,7 @@ op                                          computes
 ``add_act_{triton,cuda}``                   ``act(x + residual)``
 ``add_act_backward_{triton,cuda}``          ``grad * act'(x + residual)``
 ``bn_act_{triton,cuda}``                    ``act(x * scale[c] + shift[c] (+ residual))``
-``bn_act_backward_{triton,cuda}``           ``(grad_x, grad_z, grad_scale, grad_shift)``
+``bn_act_backward_{triton,cuda}``           ``(grad_x, grad_z, grad_scale, grad_shift, y)``
 ``conv_bn_act_{triton,cuda}``               ``act(conv2d(x, w) * scale[k] + shift[k] (+ r))``
 ``conv_bias_relu_cudnn``                    ``relu(conv2d(x, w') + b'[k] (+ r))``, BN folded
 ==========================================  ===========================================
@@ -143,10 +143,11 @@ def _bn_act_fake(x, scale, shift, residual, activation):
     return torch.empty_like(_layout.dense(x))
 
 
-def _bn_act_backward_fake(grad, x, scale, shift, residual, activation, residual_grad):
+def _bn_act_backward_fake(grad, x, scale, shift, residual, activation, residual_grad, output=False):
     x = _layout.dense(x)
     grad_z = torch.empty_like(x) if residual_grad else x.new_empty(0)
-    return torch.empty_like(x), grad_z, torch.empty_like(scale), torch.empty_like(shift)
+    y = torch.empty_like(x) if output else x.new_empty(0)
+    return torch.empty_like(x), grad_z, torch.empty_like(scale), torch.empty_like(shift), y
 
 
 def _conv_bn_act_fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation):
@@ -182,7 +183,7 @@ def _bn_act_autograd(backward_op):
         x, scale, shift, residual = ctx.saved_tensors
         need = ctx.needs_input_grad
         residual_grad = residual is not None and need[3]
-        gx, gz, gscale, gshift = backward_op(grad, x, scale, shift, residual, ctx.activation, residual_grad)
+        gx, gz, gscale, gshift, _ = backward_op(grad, x, scale, shift, residual, ctx.activation, residual_grad)
         return (
             gx if need[0] else None,
             gscale if need[1] else None,
@@ -210,7 +211,7 @@ def _conv_bn_act_autograd(bn_act_backward_op):
         need = ctx.needs_input_grad
         conv = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
         residual_grad = residual is not None and need[4]
-        gconv, gz, gscale, gshift = bn_act_backward_op(
+        gconv, gz, gscale, gshift, _ = bn_act_backward_op(
             grad, conv, scale, shift, residual, ctx.activation, residual_grad
         )
         gx = gw = None
@@ -276,6 +277,11 @@ _OPS = {
 
 _OPS["conv_bn_act"]["cudnn"] = _cudnn.conv_bn_act  # a Python function around the fused cuDNN op
 
+# The backward op of each bn_act op (for the public bn_act_backward).
+_BACKWARD_OPS = {
+    op: getattr(torch.ops.fastres, f"bn_act_backward_{backend}") for backend, op in _OPS["bn_act"].items()
+}
+
 
 def implemented_backends(op: str) -> List[str]:
     """The backends this build implements for ``op`` ("torch" always)."""
@@ -327,6 +333,38 @@ def bn_act(
     if fn is None:
         return reference.bn_act(x, scale, shift, residual, activation)
     return fn(x, scale, shift, residual, activation)
+
+
+def bn_act_backward(
+    grad: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor],
+    activation: str,
+    residual_grad: bool,
+    output: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward of :func:`bn_act` in one pass: ``(grad_x, grad_z, grad_scale, grad_shift, y)``.
+
+    With ``z = x * scale[c] + shift[c] (+ residual)``: ``grad_z = grad * act'(z)``
+    (the residual's gradient; an empty tensor unless ``residual_grad``),
+    ``grad_x = grad_z * scale[c]``, ``grad_scale[c] = sum(grad_z * x)``,
+    ``grad_shift[c] = sum(grad_z)`` over ``(N, H, W)``, and ``y = act(z)``, the
+    forward output recomputed in the same pass (an empty tensor unless
+    ``output``): the training path (``fastres/nn/_fuse.py``) keeps ``x`` instead
+    of ``y`` for the backward and gets ``y`` back here for the weight gradient
+    of the conv that ``y`` feeds.
+    """
+    _check_bn_act("fastres.ops.bn_act_backward", x, scale, shift, residual, activation)
+    check_like("fastres.ops.bn_act_backward", "grad", grad, x)
+    fn = _run("bn_act", backend, x.device)
+    if fn is None:
+        return reference.bn_act_backward(grad, x, scale, shift, residual, activation, residual_grad, output)
+    bwd = _BACKWARD_OPS[fn]
+    return bwd(grad, x, scale, shift, residual, activation, residual_grad, output)
 
 
 def conv_bn_act(

@@ -53,6 +53,49 @@ def bn_act(
     return activation(z, act).to(x.dtype)
 
 
+def bn_act_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    act: str,
+    residual_grad: bool,
+    output: bool = False,
+):
+    """The backward of :func:`bn_act`: ``(grad_x, grad_z, grad_scale, grad_shift, y)``.
+
+    ``grad_z = grad * act'(z)`` with PyTorch's own formulas (``threshold_backward``
+    on the relu output, ``silu_backward``), ``grad_x = grad_z * scale[c]``, the
+    channel sums of ``grad_z * x`` and ``grad_z`` (in scale's/shift's dtype),
+    and ``y = bn_act(x, scale, shift, residual, act)``; ``grad_z`` and ``y``
+    are empty tensors unless ``residual_grad`` and ``output``.
+    """
+    ct = compute_dtype(x.dtype)
+    z = x.to(ct) * _channel(scale.to(ct)) + _channel(shift.to(ct))
+    if residual is not None:
+        z = z + residual.to(ct)
+    y = activation(z, act)
+    g = grad.to(ct)
+    if act == "relu":
+        gz = torch.ops.aten.threshold_backward(g, y, 0)
+    elif act == "silu":
+        gz = torch.ops.aten.silu_backward(g, z)
+    else:
+        gz = g
+    dims = (0, 2, 3)
+    grad_scale = (gz * x.to(ct)).sum(dims).to(scale.dtype)
+    grad_shift = gz.sum(dims).to(shift.dtype)
+    empty = x.new_empty(0)
+    return (
+        (gz * _channel(scale.to(ct))).to(x.dtype),
+        gz.to(x.dtype) if residual_grad else empty,
+        grad_scale,
+        grad_shift,
+        y.to(x.dtype) if output else empty,
+    )
+
+
 def conv_bn_act(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -52,7 +52,7 @@ def _reference_backward(g, x, scale, shift, r, act):
 
 
 def _check_bn_backward(g, x, scale, shift, r, act, sum_tol=None):
-    gx, gz, gs, gb = torch.ops.fastres.bn_act_backward_triton(g, x, scale, shift, r, act, r is not None)
+    gx, gz, gs, gb, _ = torch.ops.fastres.bn_act_backward_triton(g, x, scale, shift, r, act, r is not None)
     want_x, want_s, want_b, want_r = _reference_backward(g, x, scale, shift, r, act)
     tol = TOL[x.dtype]
     sum_tol = sum_tol or (tol if x.dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4))
@@ -132,7 +132,7 @@ def test_relu_nan_backward_passes_gradient(dtype):
     g, x, scale, shift, r = _bn_inputs((1, 3, 2, 3), dtype, "nhwc", with_residual=True)
     x[0, 1, 0, 2] = float("nan")
     r[0, 2, 1, 0] = float("nan")
-    gx, gz, gs, gb = torch.ops.fastres.bn_act_backward_triton(g, x, scale, shift, r, "relu", True)
+    gx, gz, gs, gb, _ = torch.ops.fastres.bn_act_backward_triton(g, x, scale, shift, r, "relu", True)
     want_x, want_s, want_b, want_r = _reference_backward(g, x, scale, shift, r, "relu")
     torch.testing.assert_close(gx, want_x, equal_nan=True, **TOL[dtype])
     torch.testing.assert_close(gz, want_r, equal_nan=True, **TOL[dtype])
@@ -165,7 +165,7 @@ def test_mixed_strides_and_odd_vectors():
 def test_empty_backward():
     x = torch.empty(0, 4, 3, 3, device=DEVICE)
     scale, shift = torch.ones(4, device=DEVICE), torch.ones(4, device=DEVICE)
-    gx, gz, gs, gb = torch.ops.fastres.bn_act_backward_triton(x, x, scale, shift, x, "silu", True)
+    gx, gz, gs, gb, _ = torch.ops.fastres.bn_act_backward_triton(x, x, scale, shift, x, "silu", True)
     assert gx.shape == gz.shape == x.shape
     assert torch.equal(gs, torch.zeros(4, device=DEVICE)) and torch.equal(gb, torch.zeros(4, device=DEVICE))
     assert torch.ops.fastres.add_act_backward_triton(x, x, x, "relu").shape == x.shape

@@ -6,9 +6,10 @@
 //   add_act_backward_cuda(grad, x, residual, act)        gz = grad * act'(x + residual)
 //   bn_act_cuda(x, scale, shift, residual?, act)         y  = act(x * scale[c] + shift[c] (+ residual))
 //   bn_act_backward_cuda(grad, x, scale, shift,          gz = grad * act'(z), z as in bn_act;
-//       residual?, act, residual_grad)                   (grad_x = gz * scale[c], grad_z = gz or empty,
+//       residual?, act, residual_grad, output)           (grad_x = gz * scale[c], grad_z = gz or empty,
 //                                                         grad_scale[c] = sum_{n,h,w} gz * x,
-//                                                         grad_shift[c] = sum_{n,h,w} gz)
+//                                                         grad_shift[c] = sum_{n,h,w} gz,
+//                                                         y = act(z) or empty)
 //
 // They replace `torch.relu(x + residual)` (the end of every ResNet block),
 // `torch.relu(bn(x) (+ residual))` with an eval-mode BatchNorm folded into fp32
@@ -251,6 +252,7 @@ __global__ void bn_act_backward_nhwc_kernel(
     const scalar_t* __restrict__ residual,  // nullable
     scalar_t* __restrict__ grad_x,
     scalar_t* __restrict__ grad_z,  // nullable
+    scalar_t* __restrict__ y_out,   // nullable: act(z), the recomputed forward output
     acc_type<scalar_t>* __restrict__ partial_scale, acc_type<scalar_t>* __restrict__ partial_shift, int64_t rows,
     int64_t C, int64_t rows_per_chunk) {
   using acc_t = acc_type<scalar_t>;
@@ -293,17 +295,19 @@ __global__ void bn_act_backward_nhwc_kernel(
 #pragma unroll
           for (int k = 0; k < VEC; ++k) z[k] = add_rn(z[k], static_cast<acc_t>(rv.val[k]));
         }
-        Vec<scalar_t, VEC> gxv, gzv;
+        Vec<scalar_t, VEC> gxv, gzv, yv;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const acc_t gz = act_backward<ACT>(z[k], static_cast<acc_t>(gv.val[k]));
           gxv.val[k] = static_cast<scalar_t>(gz * s[k]);
           gzv.val[k] = static_cast<scalar_t>(gz);
+          yv.val[k] = static_cast<scalar_t>(act_forward<ACT>(z[k]));
           sum_gz[k] += gz;
           sum_gzx[k] += gz * xa[k];
         }
         store_vec<VEC>(grad_x + off, gxv);
         if (grad_z != nullptr) store_vec<VEC>(grad_z + off, gzv);
+        if (y_out != nullptr) store_vec<VEC>(y_out + off, yv);
       }
     }
     // Reduce over threadIdx.y.
@@ -347,6 +351,7 @@ __global__ void bn_act_backward_nchw_kernel(
     const scalar_t* __restrict__ residual,  // nullable
     scalar_t* __restrict__ grad_x,
     scalar_t* __restrict__ grad_z,  // nullable
+    scalar_t* __restrict__ y_out,   // nullable: act(z), the recomputed forward output
     acc_type<scalar_t>* __restrict__ partial_scale, acc_type<scalar_t>* __restrict__ partial_shift, index_t C,
     index_t HW, index_t M, index_t chunk, index_t parts) {
   using acc_t = acc_type<scalar_t>;
@@ -380,17 +385,19 @@ __global__ void bn_act_backward_nchw_kernel(
 #pragma unroll
         for (int k = 0; k < VEC; ++k) z[k] = add_rn(z[k], static_cast<acc_t>(rv.val[k]));
       }
-      Vec<scalar_t, VEC> gxv, gzv;
+      Vec<scalar_t, VEC> gxv, gzv, yv;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const acc_t gz = act_backward<ACT>(z[k], static_cast<acc_t>(gv.val[k]));
         gxv.val[k] = static_cast<scalar_t>(gz * s);
         gzv.val[k] = static_cast<scalar_t>(gz);
+        yv.val[k] = static_cast<scalar_t>(act_forward<ACT>(z[k]));
         sum_gz += gz;
         sum_gzx += gz * xa[k];
       }
       store_vec<VEC>(grad_x + off, gxv);
       if (grad_z != nullptr) store_vec<VEC>(grad_z + off, gzv);
+      if (y_out != nullptr) store_vec<VEC>(y_out + off, yv);
     }
     sh_scale[tid] = sum_gzx;
     sh_shift[tid] = sum_gz;
@@ -643,11 +650,11 @@ void launch_bn_act(const at::Tensor& x, const at::Tensor& scale, const at::Tenso
   });
 }
 
-// Writes grad_x, grad_z (if defined) and returns the (2, P, C) partial sums
-// [sum gz * x, sum gz] in the compute type.
+// Writes grad_x, grad_z and y (each if defined) and returns the (2, P, C)
+// partial sums [sum gz * x, sum gz] in the compute type.
 at::Tensor launch_bn_act_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
                                   const at::Tensor& shift, const at::Tensor& residual, const at::Tensor& grad_x,
-                                  const at::Tensor& grad_z, Activation act) {
+                                  const at::Tensor& grad_z, const at::Tensor& y, Activation act) {
   const Layout L = layout_of(x);
   const int device = x.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -661,7 +668,8 @@ at::Tensor launch_bn_act_backward(const at::Tensor& grad, const at::Tensor& x, c
     const scalar_t* rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     scalar_t* gzp = grad_z.defined() ? grad_z.data_ptr<scalar_t>() : nullptr;
-    const bool vectorize = can_vectorize<scalar_t>(L, {gp, xp, rp, gxp, gzp});
+    scalar_t* yp = y.defined() ? y.data_ptr<scalar_t>() : nullptr;
+    const bool vectorize = can_vectorize<scalar_t>(L, {gp, xp, rp, gxp, gzp, yp});
     const auto acc_options = x.options().dtype(acc_scalar_type(x.scalar_type()));
     dispatch_activation(act, [&](auto act_c) {
       constexpr Activation ACT = decltype(act_c)::value;
@@ -674,7 +682,7 @@ at::Tensor launch_bn_act_backward(const at::Tensor& grad, const at::Tensor& x, c
           acc_t* pb = ps + g.row_chunks * L.C;
           const size_t smem = 2 * sizeof(acc_t) * g.block.x * g.block.y * VEC;
           bn_act_backward_nhwc_kernel<scalar_t, ACT, VEC><<<g.grid, g.block, smem, stream>>>(
-              gp, xp, sp, bp, rp, gxp, gzp, ps, pb, L.M, L.C, g.rows_per_chunk);
+              gp, xp, sp, bp, rp, gxp, gzp, yp, ps, pb, L.M, L.C, g.rows_per_chunk);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else {
           const NchwGeometry g = nchw_geometry(L, VEC, device);
@@ -686,7 +694,7 @@ at::Tensor launch_bn_act_backward(const at::Tensor& grad, const at::Tensor& x, c
             using index_t = decltype(index_v);
             bn_act_backward_nchw_kernel<scalar_t, ACT, VEC, index_t>
                 <<<static_cast<unsigned>(g.grid), static_cast<unsigned>(g.threads), smem, stream>>>(
-                    gp, xp, sp, bp, rp, gxp, gzp, ps, pb, static_cast<index_t>(L.C), static_cast<index_t>(L.HW),
+                    gp, xp, sp, bp, rp, gxp, gzp, yp, ps, pb, static_cast<index_t>(L.C), static_cast<index_t>(L.HW),
                     static_cast<index_t>(L.M), static_cast<index_t>(g.chunk), static_cast<index_t>(g.parts));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -754,9 +762,9 @@ at::Tensor bn_act_cuda(const at::Tensor& x_in, const at::Tensor& scale, const at
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
-    const std::optional<at::Tensor>& residual_in, c10::string_view activation, bool residual_grad) {
+    const std::optional<at::Tensor>& residual_in, c10::string_view activation, bool residual_grad, bool output) {
   constexpr const char* op = "bn_act_backward_cuda";
   check_input(op, "x", x_in, 4);
   check_like(op, "grad", grad_in, x_in);
@@ -771,21 +779,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
   const at::Tensor residual = has_residual ? like(*residual_in, x) : at::Tensor();
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_z = residual_grad ? at::empty_like(x) : x.new_empty({0});
+  at::Tensor y = output ? at::empty_like(x) : x.new_empty({0});
   at::Tensor grad_scale = at::empty_like(scale);
   at::Tensor grad_shift = at::empty_like(shift);
   if (x.numel() == 0) {
     grad_scale.zero_();
     grad_shift.zero_();
-    return {grad_x, grad_z, grad_scale, grad_shift};
+    return {grad_x, grad_z, grad_scale, grad_shift, y};
   }
   const at::Tensor partials =
       launch_bn_act_backward(grad, x, channel_vector(scale, x), channel_vector(shift, x), residual, grad_x,
-                             residual_grad ? grad_z : at::Tensor(), act);
+                             residual_grad ? grad_z : at::Tensor(), output ? y : at::Tensor(), act);
   // Final deterministic reduction over the P partial rows: (2, P, C) -> (2, C).
   const at::Tensor sums = partials.sum(at::IntArrayRef{1});
   grad_scale.copy_(sums[0]);
   grad_shift.copy_(sums[1]);
-  return {grad_x, grad_z, grad_scale, grad_shift};
+  return {grad_x, grad_z, grad_scale, grad_shift, y};
 }
 
 }  // namespace

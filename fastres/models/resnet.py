@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres._tracing import is_fx_proxy
+from fastres.nn import _fuse
 from fastres.nn import modules as _m
 from fastres.nn.modules import BasicBlock, Bottleneck, FusedModule, conv1x1
 
@@ -155,12 +156,12 @@ class ResNet(FusedModule):
         module by module (the blocks too), so the graph is torchvision's.
         """
         if is_fx_proxy(x):
-            x = self.relu(self.bn1(self.conv1(x)))
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         else:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = self._conv_bn("bn1", x, self.conv1, self.bn1, self.relu)
-        x = self.maxpool(x)
+            x = _fuse.max_pool(self.maxpool, x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -3,7 +3,8 @@
 * :class:`ConvBNAct` -- ``act(bn(conv(x)) (+ residual))``;
 * :class:`BasicBlock`, :class:`Bottleneck` -- torchvision's residual blocks
   (:class:`TimmBasicBlock`, :class:`TimmBottleneck`: the same with timm's names);
-* :func:`set_backend`, :func:`freeze_bn`, :func:`clear_cache` -- whole-model helpers.
+* :func:`set_backend`, :func:`set_training_memory`, :func:`freeze_bn`, :func:`clear_cache` --
+  whole-model helpers.
 
 What runs fused in eval and in train mode: ``fastres/nn/_fuse.py`` and docs/models.md.
 """
@@ -20,6 +21,7 @@ from fastres.nn.modules import (
     conv3x3,
     freeze_bn,
     set_backend,
+    set_training_memory,
 )
 
 __all__ = [
@@ -35,4 +37,5 @@ __all__ = [
     "freeze_bn",
     "make_activation",
     "set_backend",
+    "set_training_memory",
 ]

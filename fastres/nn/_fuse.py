@@ -9,16 +9,27 @@ given, what can run fused and what must run as the original modules:
   plus ``scale * conv.bias`` when the conv has a bias) and the residual and
   activation in the epilogue.
 * **BN with batch statistics** (``bn.train()``, or ``track_running_stats=False``):
-  ``F.conv2d``, then the batch mean and biased variance in fp32
-  (``torch.var_mean`` over ``(0, 2, 3)``) as ``scale = weight * rstd`` and
-  ``shift = bias - mean * scale``, then one ``fastres.ops.bn_act`` for
-  normalize + residual + activation (on the conv output centered on its
-  detached batch mean, for an fp32-accurate backward: see
-  :func:`batch_scale_shift`). Autograd flows through ``scale``/``shift``
-  into ``weight``, ``bias`` and the batch statistics, which is exactly
-  ``nn.BatchNorm2d``'s gradient. Running statistics are updated as
-  ``nn.BatchNorm2d`` does (momentum, ``momentum=None`` as a cumulative average,
-  unbiased variance, ``num_batches_tracked``), under ``no_grad``.
+  one autograd function per unit (:class:`_ConvBatchStats`): ``F.conv2d``,
+  the conv output ``yc`` centered on its detached batch mean (for an
+  fp32-accurate backward), its biased variance and mean in fp32
+  (``torch.var_mean`` over ``(0, 2, 3)``); then ``scale = weight * rstd``,
+  ``shift = bias - mean * scale`` and one ``fastres.ops.bn_act`` for
+  normalize + residual + activation. The gradients are exactly
+  ``nn.BatchNorm2d``'s. Running statistics are updated as ``nn.BatchNorm2d``
+  does (momentum, ``momentum=None`` as a cumulative average, unbiased
+  variance, ``num_batches_tracked``), under ``no_grad``.
+
+  Memory: a unit whose output only feeds the next unit's conv (``defer=True``)
+  returns a :class:`PendingBN` instead of its activation; the next unit
+  applies it inside its own autograd function, so the activation is never
+  saved: the backward recomputes it in the fused ``bn_act`` backward
+  (``output=True``) for the conv's weight gradient. Each unit keeps its ``yc``
+  (which its BN backward needs anyway: not the activation, because BN's input
+  gradient needs the normalized value everywhere, also where ReLU's gradient
+  is zero, and ReLU is not invertible). ``memory="min"``
+  (``fastres.set_training_memory``) runs the other units (a block's last, the
+  downsample) as :class:`_ConvBNActRecompute`, which keeps no ``yc`` and
+  recomputes the conv in the backward.
 * **Frozen BN** (torchvision's ``FrozenBatchNorm2d``, timm's
   ``FrozenBatchNormAct2d``): fixed statistics, fused as above in eval and in
   train mode. timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` whose own
@@ -220,77 +231,359 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------
 
 
-def batch_scale_shift(bn: _BatchNorm, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``bn(y)`` with batch statistics as ``(yc, scale, shift)`` with ``bn(y) == yc * scale + shift``;
-    updates the running statistics.
+class PendingBN:
+    """A training unit's ``act(yc * scale[c] + shift[c])``, not applied yet.
 
-    Same math as ``nn.BatchNorm2d`` in training: the biased variance
-    normalizes, the unbiased one goes into ``running_var``; ``scale``/``shift``
-    are fp32 and differentiable with respect to ``y``, ``bn.weight`` and
-    ``bn.bias``.
-
-    ``yc = y - c`` is ``y`` centered on its batch mean ``c`` (detached, in
-    ``y``'s dtype), and ``shift = bias - (mean(yc)) * scale`` with
-    ``mean(yc) ~ 0``. The forward value is the same as with ``y``, but the
-    backward of ``bn_act`` reduces ``sum(grad * yc)`` for the gradient of
-    ``scale`` instead of ``sum(grad * y)``: without the centering, the weight
-    and variance gradients are ``sum(grad * y) - mean * sum(grad)``, which
-    cancels catastrophically in fp32 for channels whose mean is large compared
-    to their standard deviation (``nn.BatchNorm2d``'s backward reduces
-    ``grad * (y - mean)`` directly). Only ``yc`` is saved for backward.
+    A training unit (:func:`conv_bn_act` with ``defer=True``) whose output only
+    feeds the next unit's conv returns this instead of the activation: the next
+    unit applies it inside its own autograd function (:class:`_ConvBatchStats`),
+    which keeps ``yc`` for backward instead of the activation and gets the
+    activation back from the fused ``bn_act`` backward for its weight
+    gradient. ``yc`` is kept anyway (it is what this unit's BN backward needs),
+    so the unit costs one full-size activation instead of two.
     """
-    n = y.numel() // y.shape[1]
-    if n <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
-        )
-    ct = compute_dtype(y.dtype)
-    with torch.no_grad():
-        center = torch.mean(y, dim=(0, 2, 3), dtype=ct).to(y.dtype)
-    yc = y - center.view(1, -1, 1, 1)
-    var, mean_c = _BatchVarMean.apply(yc)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(ct)
-    shift = -mean_c * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(ct)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
-        _update_running_stats(bn, mean_c.detach() + center.to(ct), var.detach(), n)
-    return yc, scale, shift
+
+    __slots__ = ("yc", "scale", "shift", "activation")
+
+    def __init__(self, yc: Tensor, scale: Tensor, shift: Tensor, activation: str) -> None:
+        self.yc, self.scale, self.shift, self.activation = yc, scale, shift, activation
+
+    def materialize(self, backend: Optional[str]) -> Tensor:
+        return ops.bn_act(self.yc, self.scale, self.shift, None, self.activation, backend=backend)
 
 
-class _BatchVarMean(torch.autograd.Function):
-    """``torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)`` that saves ``y`` itself.
+def materialize(x, backend: Optional[str]) -> Tensor:
+    """``x`` as a tensor (a :class:`PendingBN` applied)."""
+    return x.materialize(backend) if isinstance(x, PendingBN) else x
 
-    ``var_mean`` of ``y.float()`` would save the fp32 copy for its backward: for
-    fp16/bf16 training that is twice the activation memory ``y`` takes (which
-    ``bn_act`` saves anyway). Here the fp32 copy is transient and the backward
-    recomputes ``y.float() - mean`` (the same formula as autograd's).
+
+class _ConvBatchStats(torch.autograd.Function):
+    """One training unit's conv and batch statistics: ``(yc, var, mean_c, center)``.
+
+    Forward, with ``a = src`` or, when the input is the previous unit's pending
+    BN, ``a = bn_act(src, scale_prev, shift_prev, act_prev)``::
+
+        y = conv2d(a, weight, bias)
+        center = mean(y) over (N, H, W), detached, in y's dtype
+        yc = y - center
+        var, mean_c = biased variance and mean of yc (fp32; fp64 for fp64)
+
+    ``center`` is ``y``'s batch mean rounded to ``y``'s dtype, so ``mean_c ~ 0``:
+    the BN backward then reduces ``sum(grad * yc)``, not ``sum(grad * y) - mean
+    * sum(grad)``, which cancels catastrophically in fp32 for channels whose
+    mean is large against their standard deviation (``nn.BatchNorm2d``'s
+    backward reduces ``grad * (y - mean)`` directly).
+
+    Saved for backward: ``src``, ``yc`` and per-channel vectors. ``src`` is the
+    previous unit's ``yc`` (saved by that unit anyway) or the block input (saved
+    by every consumer of it anyway), so a unit adds one full-size tensor,
+    ``yc``: the activation ``a`` is not kept but recomputed inside the fused
+    ``bn_act`` backward, which returns it with the previous unit's gradients in
+    the same pass (``output=True``), for this conv's weight gradient. The
+    gradient is exactly autograd's through ``F.conv2d``, ``y - center`` and
+    ``torch.var_mean(..., correction=0)``.
     """
 
     @staticmethod
-    def forward(y: Tensor) -> Tuple[Tensor, Tensor]:
-        return torch.var_mean(y.to(compute_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
+    def forward(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend):
+        return _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend)[1:]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        (y,) = inputs
-        ctx.save_for_backward(y, output[1])
+        src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend = inputs
+        yc, _, mean_c, center = output
+        ctx.mark_non_differentiable(center)
+        ctx.save_for_backward(src, scale_prev, shift_prev, weight, yc, mean_c)
+        ctx.conv_args, ctx.act_prev, ctx.backend = conv_args, act_prev, backend
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
 
     @staticmethod
-    def backward(ctx, grad_var: Optional[Tensor], grad_mean: Optional[Tensor]) -> Tensor:
-        y, mean = ctx.saved_tensors
-        n = y.numel() // y.shape[1]
-        g = torch.zeros_like(mean) if grad_mean is None else grad_mean / n
-        g = g.view(1, -1, 1, 1)
-        if grad_var is not None:
-            g = g + (grad_var * (2.0 / n)).view(1, -1, 1, 1) * (y.to(mean.dtype) - mean.view(1, -1, 1, 1))
-        return g.expand(y.shape).to(y.dtype)
+    def backward(ctx, grad_yc, grad_var, grad_mean, _grad_center):
+        src, scale_prev, shift_prev, weight, yc, mean_c = ctx.saved_tensors
+        dy = _stats_backward(yc, mean_c, grad_yc, grad_var, grad_mean)
+        return _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, None, ctx.needs_input_grad[:5]) + (
+            None, None, None,
+        )
 
 
-def _update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, n) -> None:
-    """``nn.BatchNorm2d``'s running-statistics update (``torch/nn/modules/batchnorm.py``)."""
+def _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, a, need):
+    """Gradients ``(src, scale_prev, shift_prev, weight, bias)`` of ``conv2d(a, weight, bias)``
+    with ``a = src`` or ``a = bn_act(src, scale_prev, shift_prev, act_prev)``, given ``dy``.
+
+    ``a`` is the recomputed activation if the caller has it, else None: then
+    the fused ``bn_act`` backward recomputes it (``output=True``) in the pass
+    that computes the previous unit's gradients, after the conv's input
+    gradient and before its weight gradient.
+    """
+    stride, padding, dilation, groups = ctx.conv_args
+    conv_bwd = lambda inp, mask: torch.ops.aten.convolution_backward(  # noqa: E731
+        dy, inp, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask
+    )
+    grad_src = grad_scale = grad_shift = grad_w = grad_b = None
+    need_prev = need[0] or need[1] or need[2]
+    if scale_prev is None:  # the input is the activation itself
+        grad_src, grad_w, grad_b = conv_bwd(src, [need[0], need[3], need[4]])
+        return grad_src, None, None, grad_w, grad_b
+    if a is not None:
+        grad_a, grad_w, grad_b = conv_bwd(a, [need_prev, need[3], need[4]])
+        if need_prev:
+            grad_src, _, grad_scale, grad_shift, _ = ops.bn_act_backward(
+                grad_a, src, scale_prev, shift_prev, None, ctx.act_prev, False, backend=ctx.backend
+            )
+    else:
+        if need_prev:
+            # The conv's input gradient only needs the input's shape and layout: those of src.
+            grad_a, _, grad_b = conv_bwd(src, [True, False, need[4]])
+            grad_src, _, grad_scale, grad_shift, a = ops.bn_act_backward(
+                grad_a, src, scale_prev, shift_prev, None, ctx.act_prev, False, need[3], backend=ctx.backend
+            )
+        elif need[3]:
+            a = ops.bn_act(src, scale_prev, shift_prev, None, ctx.act_prev, backend=ctx.backend)
+        if need[3] or (need[4] and grad_b is None):
+            _, grad_w, gb = conv_bwd(src if a is None else a, [False, need[3], need[4] and grad_b is None])
+            grad_b = gb if grad_b is None else grad_b
+    return (
+        grad_src if need[0] else None,
+        grad_scale if need[1] else None,
+        grad_shift if need[2] else None,
+        grad_w,
+        grad_b,
+    )
+
+
+def _stats_backward(yc: Tensor, mean_c: Tensor, grad_yc: Optional[Tensor], grad_var, grad_mean) -> Tensor:
+    """The gradient of ``y`` (= that of ``yc``) given those of ``yc`` and of
+    ``torch.var_mean(yc, (0, 2, 3), correction=0)``, rounded once to ``yc``'s dtype.
+
+    ``var_mean``'s backward is ``grad_mean / n + 2 * grad_var / n * (yc - mean_c)``,
+    i.e. ``a[c] + b[c] * yc``: one ``addcmul`` pass over ``yc``.
+    """
+    n = yc.numel() // yc.shape[1]
+    ct = mean_c.dtype
+    a = torch.zeros_like(mean_c) if grad_mean is None else grad_mean / n
+    b = torch.zeros_like(mean_c) if grad_var is None else grad_var * (2.0 / n)
+    a = (a - b * mean_c).view(1, -1, 1, 1)
+    base = a.expand(yc.shape) if grad_yc is None else grad_yc.to(ct) + a
+    return torch.addcmul(base, yc.to(ct), b.view(1, -1, 1, 1)).to(yc.dtype)
+
+
+def _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend):
+    """``(a, yc, var, mean_c, center)`` of :class:`_ConvBatchStats`'s forward."""
+    a = src if scale_prev is None else ops.bn_act(src, scale_prev, shift_prev, None, act_prev, backend=backend)
+    y = F.conv2d(a, weight, bias, *conv_args)
+    ct = compute_dtype(y.dtype)
+    center = torch.mean(y, dim=(0, 2, 3), dtype=ct).to(y.dtype)
+    yc = y - center.view(1, -1, 1, 1)
+    var, mean_c = torch.var_mean(yc.to(ct), dim=(0, 2, 3), correction=0)
+    return a, yc, var, mean_c, center
+
+
+def _scale_shift(var: Tensor, mean_c: Tensor, eps: float, weight: Optional[Tensor], bias: Optional[Tensor]):
+    """BN with batch statistics as ``(rstd, scale, shift)``: ``bn(y) = yc * scale + shift``."""
+    ct = mean_c.dtype
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else rstd * weight.to(ct)
+    shift = -mean_c * scale
+    if bias is not None:
+        shift = shift + bias.to(ct)
+    return rstd, scale, shift
+
+
+class _ConvBNActRecompute(torch.autograd.Function):
+    """A block's last training unit, ``act(bn(conv2d(a, weight, bias)) + residual)``, that
+    keeps no full-size tensor of its own: ``training_memory="min"``.
+
+    ``a`` and the batch statistics are as in :class:`_ConvBatchStats`. Saved:
+    ``src`` (the previous unit's ``yc`` or the input, kept anyway), the
+    per-channel statistics and, with a residual, for ReLU the output itself
+    (the next conv keeps it anyway; ReLU's backward reads its output, as
+    ``torch.relu``'s does), for SiLU the residual (identity needs neither). The backward recomputes
+    ``a``, the conv and ``yc`` (bit-identical: the same ops on the same
+    values), then runs the BN backward by hand (autograd's formulas for
+    ``rsqrt``, the products and ``var_mean``) and the conv backward.
+    Outputs ``(out, var, mean_c, center)``; the statistics only feed the
+    running-statistics update and carry no gradient.
+    """
+
+    @staticmethod
+    def forward(src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, residual, conv_args, act_prev, act,
+                eps, backend, update_stats):
+        _, yc, var, mean_c, center = _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev,
+                                                 backend)
+        if update_stats is not None:
+            update_stats(var, mean_c, center)
+        _, scale, shift = _scale_shift(var, mean_c, eps, bn_weight, bn_bias)
+        out = ops.bn_act(yc, scale, shift, residual, act, backend=backend)
+        return out, var, mean_c, center
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, residual, conv_args, act_prev, act, eps,
+         backend, _) = inputs
+        out, var, mean_c, center = output
+        ctx.mark_non_differentiable(var, mean_c, center)
+        # act'(z) needs z = yc * scale + shift + residual; without residual yc gives it.
+        keep_out = act == "relu" and residual is not None
+        keep_residual = act == "silu" and residual is not None
+        ctx.save_for_backward(
+            src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, var, mean_c, center,
+            residual if keep_residual else None, out if keep_out else None,
+        )
+        ctx.conv_args, ctx.act_prev, ctx.act, ctx.eps, ctx.backend = conv_args, act_prev, act, eps, backend
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.has_residual = residual is not None
+
+    @staticmethod
+    def backward(ctx, grad_out, _gv, _gm, _gc):
+        (src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, var, mean_c, center, residual,
+         out) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # The forward's a and yc again (the same ops on the same values, and the saved center).
+        a = src if scale_prev is None else ops.bn_act(src, scale_prev, shift_prev, None, ctx.act_prev,
+                                                       backend=ctx.backend)
+        yc = F.conv2d(a, weight, bias, *ctx.conv_args) - center.view(1, -1, 1, 1)
+        rstd, scale, shift = _scale_shift(var, mean_c, ctx.eps, bn_weight, bn_bias)
+        need_res = ctx.has_residual and need[7]
+        if out is not None:  # relu with a residual
+            gz = torch.ops.aten.threshold_backward(grad_out, out, 0)
+            grad_yc, _, gs, gb, _ = ops.bn_act_backward(gz, yc, scale, shift, None, "identity", False,
+                                                        backend=ctx.backend)
+            grad_res = gz if need_res else None
+        else:
+            grad_yc, gz, gs, gb, _ = ops.bn_act_backward(grad_out, yc, scale, shift, residual, ctx.act,
+                                                         need_res and residual is not None, backend=ctx.backend)
+            grad_res = None if not need_res else gz if residual is not None else grad_out
+        # shift = bias - mean_c * scale, scale = weight * rstd, rstd = rsqrt(var + eps)
+        grad_bn_bias = gb if need[6] else None
+        g_scale = gs - gb * mean_c
+        grad_mean = -gb * scale
+        grad_bn_weight = g_scale * rstd if need[5] else None
+        g_rstd = g_scale if bn_weight is None else g_scale * bn_weight.to(g_scale.dtype)
+        grad_var = g_rstd * (-0.5 * rstd.pow(3))
+        dy = _stats_backward(yc, mean_c, grad_yc, grad_var, grad_mean)
+        del yc
+        grads = _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, a, need[:5])
+        return grads + (
+            None if grad_bn_weight is None else grad_bn_weight.to(bn_weight.dtype),
+            None if grad_bn_bias is None else grad_bn_bias.to(bn_bias.dtype),
+            grad_res, None, None, None, None, None, None,
+        )
+
+
+def _train_unit(
+    x, conv: nn.Conv2d, bn: _BatchNorm, fused_act: str, post: Optional[nn.Module], residual: Optional[Tensor],
+    backend: Optional[str], low: Optional[torch.dtype], defer: bool, memory: str,
+):
+    """A conv -> BN (batch statistics) -> act (+ residual) unit in training (module docstring);
+    ``fused_act``, ``post``: the epilogue's activation and the module run after it (:func:`epilogue`)."""
+    if isinstance(x, PendingBN):
+        src, scale_prev, shift_prev, act_prev = x.yc, x.scale, x.shift, x.activation
+    else:
+        src, scale_prev, shift_prev, act_prev = _cast(x, low), None, None, "identity"
+    weight, bias = _cast(conv.weight, low), _cast(conv.bias, low)
+    conv_args = (tuple(conv.stride), tuple(conv_padding(conv)), tuple(conv.dilation), conv.groups)
+    deferred = defer and residual is None and post is None
+    n = _values_per_channel(src, weight, conv_args)
+    update = lambda var, mean_c, center: _update_running_stats(bn, var, mean_c, center, n)  # noqa: E731
+    if memory == "min" and not deferred:
+        # Eager: the running statistics are updated inside the function's forward, before it
+        # saves anything: torch.utils.checkpoint's recomputation stops once the last tensor of
+        # the region is saved again, and this unit may save it (torchvision's BN updates its
+        # statistics before its ReLU saves). torch.compile traces no buffer mutation inside an
+        # autograd function: there the update follows it.
+        inline = not torch.compiler.is_compiling()
+        residual = _cast(residual, src.dtype if low is not None else None)
+        out, var, mean_c, center = _ConvBNActRecompute.apply(
+            src, scale_prev, shift_prev, weight, bias, bn.weight, bn.bias, residual, conv_args, act_prev,
+            fused_act, bn.eps, backend, update if inline else None,
+        )
+        if not inline:
+            update(var, mean_c, center)
+        return out if post is None else post(out)
+    yc, var, mean_c, center = _ConvBatchStats.apply(
+        src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend
+    )
+    update(var, mean_c, center)
+    _, scale, shift = _scale_shift(var, mean_c, bn.eps, bn.weight, bn.bias)
+    if deferred:
+        return PendingBN(yc, scale, shift, fused_act)
+    residual = _cast(residual, yc.dtype if low is not None else None)
+    out = ops.bn_act(yc, scale, shift, residual, fused_act, backend=backend)
+    return out if post is None else post(out)
+
+
+def _values_per_channel(src: Tensor, weight: Tensor, conv_args) -> int:
+    """``N * H_out * W_out`` of the conv; ``nn.BatchNorm2d``'s error if it is 1 or less."""
+    stride, padding, dilation, _ = conv_args
+    out = [src.shape[0], weight.shape[0]]
+    for i in range(2):
+        out.append((src.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1)
+    n = out[0] * out[2] * out[3]
+    if n <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(out)}")
+    return n
+
+
+class _MaxPool2dIndices(torch.autograd.Function):
+    """``F.max_pool2d(x, ...)`` that keeps only its indices for backward.
+
+    Autograd's ``max_pool2d_with_indices`` keeps its input as well, though its
+    backward reads only the input's shape and memory format: in a ResNet stem
+    that input is the largest activation of the network (the stem's
+    ``relu(bn1(conv1(x)))``, 4x the pooled output), kept for nothing when the
+    stem unit itself does not keep it.
+    """
+
+    @staticmethod
+    def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+        return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, *ctx.args = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        ctx.memory_format = torch.channels_last if _layout_is_channels_last(x) else torch.contiguous_format
+
+    @staticmethod
+    def backward(ctx, grad, _grad_indices):
+        (indices,) = ctx.saved_tensors
+        # the input's shape and layout only, never read
+        like = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device, memory_format=ctx.memory_format)
+        return (torch.ops.aten.max_pool2d_with_indices_backward(grad, like, *ctx.args, indices),) + (None,) * 5
+
+
+def _tracing_fx_or_jit() -> bool:
+    """FX symbolic tracing or ``torch.jit.trace``: they see autograd functions' ops, not the functions."""
+    fx = torch.fx._symbolic_trace
+    return torch.jit.is_tracing() or getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
+
+
+def _layout_is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def max_pool(pool: nn.Module, x: Tensor) -> Tensor:
+    """``pool(x)``; in training, a plain ``nn.MaxPool2d`` runs as :class:`_MaxPool2dIndices`."""
+    if (
+        type(pool) is not nn.MaxPool2d or _has_hooks(pool) or pool.return_indices or _tracing_fx_or_jit()
+        or not torch.is_grad_enabled() or not x.requires_grad or x.dim() != 4
+    ):
+        return pool(x)
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    stride = pool.kernel_size if pool.stride is None else pool.stride
+    return _MaxPool2dIndices.apply(
+        x, pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation), pool.ceil_mode
+    )[0]
+
+
+def _update_running_stats(bn: _BatchNorm, var: Tensor, mean_c: Tensor, center: Tensor, n: int) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update (``torch/nn/modules/batchnorm.py``)
+    from the biased ``var`` and the mean ``mean_c + center`` of ``n`` values per
+    channel, if ``bn`` tracks them."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None):
+        return
     with torch.no_grad():
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.num_batches_tracked is not None:
@@ -298,6 +591,7 @@ def _update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, n) -> None:
             if bn.momentum is None:  # cumulative moving average; a tensor, so no host sync
                 factor = 1.0 / bn.num_batches_tracked.to(torch.float64)
         unbiased = var * (n / (n - 1))
+        mean = mean_c + center.to(mean_c.dtype)
         for buf, stat in ((bn.running_mean, mean), (bn.running_var, unbiased)):
             buf.copy_(stat * factor + buf * (1 - factor))
 
@@ -554,26 +848,30 @@ def _requires_grad(*tensors: Optional[Tensor]) -> bool:
 def conv_bn_act(
     cache: Optional[PreparedCache],
     slot: str,
-    x: Tensor,
+    x,
     conv: nn.Module,
     bn: nn.Module,
     act: Optional[nn.Module],
     residual: Optional[Tensor] = None,
     backend: Optional[str] = None,
-) -> Tensor:
-    """``act(bn(conv(x)) (+ residual))``, fused as far as the modules allow (module docstring)."""
+    defer: bool = False,
+    memory: str = "low",
+):
+    """``act(bn(conv(x)) (+ residual))``, fused as far as the modules allow (module docstring).
+
+    ``x`` is a tensor or the previous unit's :class:`PendingBN`. With
+    ``defer=True`` a training unit without residual returns a
+    :class:`PendingBN` for the next unit's conv (the caller must only feed it
+    to :func:`conv_bn_act` or :func:`materialize`); otherwise a tensor.
+    """
     if conv_unfusable_reason(conv) is not None or bn_unfusable_reason(bn, runtime=True) is not None:
-        return _unfused(x, conv, bn, act, residual)
+        return _unfused(materialize(x, backend), conv, bn, act, residual)
     plan = epilogue(bn, act, residual is not None)
     if plan is None:
-        return _unfused(x, conv, bn, act, residual)
+        return _unfused(materialize(x, backend), conv, bn, act, residual)
     fused_act, post = plan
-    low = _autocast_dtype(x)  # custom ops do not autocast: cast as F.conv2d would
+    low = _autocast_dtype(x.yc if isinstance(x, PendingBN) else x)  # custom ops do not autocast: cast as F.conv2d would
     if uses_batch_stats(bn):
-        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv_padding(conv), conv.dilation, conv.groups)
-        yc, scale, shift = batch_scale_shift(bn, y)
-        residual = _cast(residual, y.dtype if low is not None else None)
-        out = ops.bn_act(yc, scale, shift, residual, fused_act, backend=backend)
-    else:
-        out = _eval_conv_bn_act(cache, slot, x, conv, bn, fused_act, residual, backend, low)
+        return _train_unit(x, conv, bn, fused_act, post, residual, backend, low, defer, memory)
+    out = _eval_conv_bn_act(cache, slot, materialize(x, backend), conv, bn, fused_act, residual, backend, low)
     return out if post is None else post(out)

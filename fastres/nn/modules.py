@@ -28,25 +28,46 @@ from fastres.nn import _fuse
 from fastres.nn._fuse import PreparedCache, activation_name
 
 
+TRAINING_MEMORY = ("low", "min")
+
+
 class FusedModule(nn.Module):
-    """Base of every fastres module: a ``backend`` and the prepared forms of its convs (``PreparedCache``).
+    """Base of every fastres module: a ``backend``, a ``training_memory`` mode and the
+    prepared forms of its convs (``PreparedCache``).
 
     ``backend`` (None = the best available for the input's device, else
     ``"torch"``, ``"triton"`` or ``"cuda"``) is passed to every ``fastres.ops``
     call; ``fastres.set_backend(model, name)`` sets it on a whole model.
+
+    ``training_memory`` (``fastres.set_training_memory(model, mode)``): what a
+    block keeps for backward when its BNs use batch statistics, with the same
+    gradients either way (``fastres/nn/_fuse.py``, docs/models.md):
+
+    * ``"low"`` (default): each conv -> BN -> act unit keeps its conv output
+      and recomputes its activation in the fused ``bn_act`` backward, for the
+      next conv's weight gradient;
+    * ``"min"``: the block's last unit (the one with the residual) also keeps
+      nothing but per-channel vectors: its conv is recomputed in the backward
+      from its input (one more convolution per block).
     """
 
     def __init__(self, backend: Optional[str] = None) -> None:
         super().__init__()
         check_backend_name(type(self).__name__, backend)
         self.backend = backend
+        self.training_memory = "low"
         self._fastres_cache = PreparedCache()
 
     def _conv_bn(
-        self, slot: str, x: Tensor, conv: nn.Module, bn: nn.Module, act: Optional[nn.Module],
-        residual: Optional[Tensor] = None,
-    ) -> Tensor:
-        return _fuse.conv_bn_act(self._fastres_cache, slot, x, conv, bn, act, residual, self.backend)
+        self, slot: str, x, conv: nn.Module, bn: nn.Module, act: Optional[nn.Module],
+        residual: Optional[Tensor] = None, defer: bool = False,
+    ):
+        """``act(bn(conv(x)) (+ residual))``; ``defer=True`` (an output that only feeds the
+        next ``_conv_bn``) lets a training unit return a ``_fuse.PendingBN``."""
+        return _fuse.conv_bn_act(
+            self._fastres_cache, slot, x, conv, bn, act, residual, self.backend, defer,
+            getattr(self, "training_memory", "low"),
+        )
 
     def _shortcut(self, x: Tensor, downsample: Optional[nn.Module]) -> Tensor:
         """``downsample(x)``, fused when it is torchvision's ``Sequential(conv, bn)``."""
@@ -79,7 +100,10 @@ class FusedModule(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return "" if self.backend is None else f"backend={self.backend!r}"
+        parts = [] if self.backend is None else [f"backend={self.backend!r}"]
+        if getattr(self, "training_memory", "low") != "low":
+            parts.append(f"training_memory={self.training_memory!r}")
+        return ", ".join(parts)
 
 
 def _norm(norm_layer: Optional[Callable[..., nn.Module]]) -> Callable[..., nn.Module]:
@@ -203,7 +227,7 @@ class BasicBlock(FusedModule):
         if is_fx_proxy(x):
             return self._forward_modules(x)
         act1, act2 = self._acts()
-        out = self._conv_bn("bn1", x, self.conv1, self.bn1, act1)
+        out = self._conv_bn("bn1", x, self.conv1, self.bn1, act1, defer=True)
         identity = self._shortcut(x, self.downsample)
         return self._conv_bn("bn2", out, self.conv2, self.bn2, act2, residual=identity)
 
@@ -264,8 +288,8 @@ class Bottleneck(FusedModule):
         if is_fx_proxy(x):
             return self._forward_modules(x)
         act1, act2, act3 = self._acts()
-        out = self._conv_bn("bn1", x, self.conv1, self.bn1, act1)
-        out = self._conv_bn("bn2", out, self.conv2, self.bn2, act2)
+        out = self._conv_bn("bn1", x, self.conv1, self.bn1, act1, defer=True)
+        out = self._conv_bn("bn2", out, self.conv2, self.bn2, act2, defer=True)
         identity = self._shortcut(x, self.downsample)
         return self._conv_bn("bn3", out, self.conv3, self.bn3, act3, residual=identity)
 
@@ -306,6 +330,22 @@ def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     check_backend_name("fastres.set_backend", backend)
     for m in fused_modules(model):
         m.backend = backend
+    return model
+
+
+def set_training_memory(model: nn.Module, mode: str) -> nn.Module:
+    """Set what every fastres module of ``model`` keeps for backward in training; returns ``model``.
+
+    ``"low"`` (the default) or ``"min"`` (:class:`FusedModule`); the gradients
+    and running statistics are the same in both.
+    """
+    if mode not in TRAINING_MEMORY:
+        raise ValueError(
+            f"fastres.set_training_memory: expected `mode` to be one of {', '.join(map(repr, TRAINING_MEMORY))}, "
+            f"got {mode!r}"
+        )
+    for m in fused_modules(model):
+        m.training_memory = mode
     return model
 
 

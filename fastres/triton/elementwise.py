@@ -131,9 +131,9 @@ def _bn_act_fwd_kernel(
 
 @triton.jit
 def _bn_act_bwd_kernel(
-    g_ptr, x_ptr, scale_ptr, shift_ptr, r_ptr, gx_ptr, gz_ptr, part_scale_ptr, part_shift_ptr,
+    g_ptr, x_ptr, scale_ptr, shift_ptr, r_ptr, gx_ptr, gz_ptr, y_ptr, part_scale_ptr, part_shift_ptr,
     R, K, C, num_c_blocks, num_k_tiles, num_tiles, tiles_per_prog,
-    CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, STORE_GZ: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, STORE_GZ: tl.constexpr, STORE_Y: tl.constexpr,
     ACT: tl.constexpr, FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The whole ``bn_act`` backward in one pass over the data, for one block of channels.
@@ -142,8 +142,14 @@ def _bn_act_bwd_kernel(
 
         grad_x = gz * scale[c]                    (stored, x dtype)
         grad_z = gz                               (stored if STORE_GZ: the residual's grad)
+        y = act(z)                                (stored if STORE_Y: the forward output, recomputed
+                                                   for the weight gradient of the conv it feeds)
         part_scale[p, c] = sum over p's tiles of gz * x
         part_shift[p, c] = sum over p's tiles of gz
+
+    Pointers a launch does not use (``r_ptr`` without residual, ``gz_ptr``
+    without STORE_GZ, ``y_ptr`` without STORE_Y) are None, never an alias of
+    another argument.
 
     Program ``pid`` handles channel block ``pid % num_c_blocks`` and the tiles
     ``[p * tiles_per_prog, (p + 1) * tiles_per_prog)`` of that block, with
@@ -190,11 +196,13 @@ def _bn_act_bwd_kernel(
             offs = (n * C + ch)[:, None] * K + cols[None, :]
         x = _to_compute(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
         g = _to_compute(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
-        if ACT != 0:  # identity needs neither z nor the residual
+        if ACT != 0 or STORE_Y:  # identity needs neither z nor the residual, unless y is stored
             z = x * s + b
             if HAS_RES:
                 z += _to_compute(tl.load(r_ptr + offs, mask=mask, other=0.0), FP64)
             g = act_grad(z, g, ACT)
+            if STORE_Y:
+                tl.store(y_ptr + offs, apply_act(z, ACT).to(y_ptr.dtype.element_ty), mask=mask)
         g = tl.where(mask, g, 0.0)
         tl.store(gx_ptr + offs, (g * s).to(gx_ptr.dtype.element_ty), mask=mask)
         if STORE_GZ:
@@ -333,10 +341,13 @@ def bn_act_backward_triton(
     residual: Optional[Tensor],
     activation: str,
     residual_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_z, grad_scale, grad_shift)`` of ``bn_act``, in one pass over the data.
+    output: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_z, grad_scale, grad_shift, y)`` of ``bn_act``, in one pass over the data.
 
     ``grad_z`` (the residual's gradient) is empty unless ``residual_grad``;
+    ``y``, the forward output ``bn_act(x, scale, shift, residual, activation)``
+    recomputed in the same pass, is empty unless ``output``;
     ``grad_scale``/``grad_shift`` have the dtypes of ``scale``/``shift``.
     """
     x = _layout.dense(x)
@@ -345,8 +356,9 @@ def bn_act_backward_triton(
         residual = _layout.like(residual, x)
     grad_x = torch.empty_like(x)
     grad_z = torch.empty_like(x) if residual_grad else x.new_empty(0)
+    y = torch.empty_like(x) if output else x.new_empty(0)
     if x.numel() == 0:
-        return grad_x, grad_z, torch.zeros_like(scale), torch.zeros_like(shift)
+        return grad_x, grad_z, torch.zeros_like(scale), torch.zeros_like(shift), y
     fp64 = x.dtype == torch.float64
     channels_last, rows, k, c = _matrix(x)
     block_k = _block_k(k)
@@ -364,11 +376,12 @@ def bn_act_backward_triton(
     part_scale = torch.empty((num_parts, c), dtype=cdtype, device=x.device)
     part_shift = torch.empty((num_parts, c), dtype=cdtype, device=x.device)
     wrap(_bn_act_bwd_kernel)[(num_parts * num_c_blocks,)](
-        grad, x, scale.contiguous(), shift.contiguous(), residual,  # None (unread) without a residual:
-        grad_x, grad_z if residual_grad else None, part_scale, part_shift,  # no argument aliases another
+        grad, x, scale.contiguous(), shift.contiguous(), residual,  # None (unread) when absent:
+        grad_x, grad_z if residual_grad else None, y if output else None,  # no argument aliases another
+        part_scale, part_shift,
         rows, k, c, num_c_blocks, num_k_tiles, num_tiles, tiles_per_prog,
-        CHANNELS_LAST=channels_last, HAS_RES=residual is not None, STORE_GZ=residual_grad,
+        CHANNELS_LAST=channels_last, HAS_RES=residual is not None, STORE_GZ=residual_grad, STORE_Y=output,
         ACT=ACT_CODES[activation], FP64=fp64, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=_num_warps(block_r * block_k, per_thread=8),
     )
-    return grad_x, grad_z, part_scale.sum(0).to(scale.dtype), part_shift.sum(0).to(shift.dtype)
+    return grad_x, grad_z, part_scale.sum(0).to(scale.dtype), part_shift.sum(0).to(shift.dtype), y

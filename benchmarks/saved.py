@@ -1,0 +1,66 @@
+"""Bytes saved for backward: what a training step keeps alive between its forward and backward.
+
+Counted with ``torch.autograd.graph.saved_tensors_hooks`` as the bytes of the
+distinct storages that autograd saves during ``fn(*args)`` (a tensor saved by
+several ops, or views of one storage, count once), so the count is the same on
+every device and needs no timing. Storages of ``exclude`` (e.g. the model's
+parameters, which every implementation keeps alike) can be left out.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Tuple
+
+import torch
+
+
+def saved_bytes(fn: Callable, *args, exclude: Iterable[torch.Tensor] = ()) -> Tuple[int, object]:
+    """``(bytes of distinct storages saved for backward during fn(*args), fn's result)``."""
+    skip = {(t.device, t.untyped_storage().data_ptr()) for t in exclude}
+    seen: Dict[Tuple[torch.device, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key not in skip:
+            seen[key] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return sum(seen.values()), out
+
+
+def main(argv=None) -> None:
+    """``python -m benchmarks.saved [--arch ...] [--batch N] [--image-size S]``: the bytes a
+    training forward saves for backward, torchvision against fastres (``"low"`` and ``"min"``),
+    fp32 on the CPU, NCHW and channels_last (no timing: seconds per model)."""
+    import argparse
+    import copy
+
+    import torchvision
+
+    import fastres
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args(argv)
+    print("| model | layout | torchvision MiB | fastres low MiB | vs tv | fastres min MiB | vs tv |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for arch in args.arch:
+        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            torch.manual_seed(0)
+            tv = torchvision.models.get_model(arch).train().to(memory_format=fmt)
+            x = torch.randn(args.batch, 3, args.image_size, args.image_size).contiguous(memory_format=fmt)
+            base = saved_bytes(tv, x)[0]
+            row = [arch, layout, f"{base / 2**20:.0f}"]
+            for mode in ("low", "min"):
+                fr = fastres.set_training_memory(fastres.convert(copy.deepcopy(tv), warn=False), mode)
+                n = saved_bytes(fr, x)[0]
+                row += [f"{n / 2**20:.0f}", f"{n / base:.3f}x"]
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Training in less activation memory, with unchanged gradients (fastres/nn/_fuse.py).
+
+* the fused ``bn_act`` backward's recomputed output (``output=True``) on every
+  backend against the reference, and the reference against autograd;
+* the training units' autograd functions: gradcheck in fp64;
+* whole ResNets in float64: gradients and running statistics equal
+  torchvision's to 1e-9 relative, in both ``training_memory`` modes;
+* the bytes saved for backward (a count, ``benchmarks.saved``) against torchvision's;
+* torch.utils.checkpoint and timm's gradient checkpointing on converted models.
+"""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastres
+from benchmarks.saved import saved_bytes
+from fastres import ops, reference
+from fastres.nn import _fuse
+from conftest import ACTIVATIONS, DEVICE, DTYPES, FORMATS, TOL, all_backends, kernel_backends
+
+
+def _x(shape, dtype, fmt="nchw"):
+    return (torch.randn(shape, device=DEVICE) * 2).to(dtype).contiguous(memory_format=FORMATS[fmt])
+
+
+# ----------------------------------------------------------------------------
+# The fused bn_act backward with the recomputed output.
+# ----------------------------------------------------------------------------
+
+
+def test_reference_backward_is_autograd():
+    """reference.bn_act_backward is autograd through reference.bn_act (fp64)."""
+    for act in ACTIVATIONS:
+        for with_residual in (False, True):
+            x, g = (torch.randn(2, 3, 4, 5, dtype=torch.float64) for _ in range(2))
+            r = torch.randn_like(x) if with_residual else None
+            scale, shift = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+            leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, scale, shift, r)]
+            y = reference.bn_act(*leaves, act)
+            y.backward(g)
+            gx, gz, gs, gb, out = reference.bn_act_backward(g, x, scale, shift, r, act, with_residual, True)
+            torch.testing.assert_close(out, y.detach(), rtol=0, atol=0)
+            for got, leaf in zip((gx, gs, gb), leaves):
+                torch.testing.assert_close(got, leaf.grad, rtol=1e-12, atol=1e-12)
+            if with_residual:
+                torch.testing.assert_close(gz, leaves[3].grad, rtol=1e-12, atol=1e-12)
+            else:
+                assert gz.numel() == 0
+
+
+@pytest.mark.parametrize("backend", kernel_backends("bn_act"))
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (3, 16, 3, 3)], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_bn_act_backward_output(backend, shape, fmt, dtype, act, with_residual):
+    """(grad_x, grad_z, grad_scale, grad_shift, y) of a kernel backend == the reference's."""
+    x, g = _x(shape, dtype, fmt), _x(shape, dtype, fmt)
+    r = _x(shape, dtype, fmt) if with_residual else None
+    scale = torch.rand(shape[1], device=DEVICE) + 0.5
+    shift = torch.randn(shape[1], device=DEVICE)
+    got = ops.bn_act_backward(g, x, scale, shift, r, act, with_residual, True, backend=backend)
+    want = reference.bn_act_backward(g, x, scale, shift, r, act, with_residual, True)
+    for name, a, b in zip(["grad_x", "grad_z", "grad_scale", "grad_shift", "y"], got, want):
+        tol = dict(rtol=1e-4, atol=1e-4) if name in ("grad_scale", "grad_shift") else TOL[dtype]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+    y = got[4]
+    assert y.stride() == got[0].stride()  # output like dense(x), as every other output
+    torch.testing.assert_close(y, ops.bn_act(x, scale, shift, r, act, backend=backend), **TOL[dtype])
+    # without output=True, y is empty and the rest is unchanged
+    plain = ops.bn_act_backward(g, x, scale, shift, r, act, with_residual, backend=backend)
+    assert plain[4].numel() == 0
+    for a, b in zip(plain[:4], got[:4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("bn_act"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck_backward_with_output(backend, fmt):
+    bwd = getattr(torch.ops.fastres, f"bn_act_backward_{backend}")
+    x, g, r = (_x((2, 3, 4, 5), torch.float32, fmt) for _ in range(3))
+    scale, shift = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+    torch.library.opcheck(bwd, (g, x, scale, shift, None, "relu", False, True))
+    torch.library.opcheck(bwd, (g, x, scale, shift, r, "silu", True, True))
+
+
+def test_bn_act_backward_checks_grad():
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="`grad`"):
+        ops.bn_act_backward(torch.randn(2, 3, 4), x, torch.ones(3), torch.zeros(3), None, "relu", False)
+
+
+# ----------------------------------------------------------------------------
+# The training units' autograd functions.
+# ----------------------------------------------------------------------------
+
+
+def _leaf(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("backend", all_backends("bn_act"))
+@pytest.mark.parametrize("act_prev", ACTIVATIONS)
+def test_gradcheck_conv_batch_stats(backend, act_prev):
+    """y - mean(y) and var(y) of y = conv(bn_act(src)) (and of conv(src)), with a conv bias."""
+    src, w, b = _leaf(2, 3, 4, 5), _leaf(4, 3, 3, 3), _leaf(4)
+    scale, shift = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
+    if act_prev == "relu":  # away from the kink, where finite differences are meaningless
+        with torch.no_grad():
+            src.copy_(src.sign() * (src.abs() + 0.1))
+            shift.zero_()
+    conv_args = ((1, 1), (1, 1), (1, 1), 1)
+
+    def f(*a):
+        # center is the detached batch mean: only what does not depend on it is a function of the inputs
+        yc, var, mean_c, _ = _fuse._ConvBatchStats.apply(*a, conv_args, act_prev, backend)
+        return yc - mean_c.view(1, -1, 1, 1), var
+
+    assert torch.autograd.gradcheck(f, (src, scale, shift, w, b))
+    assert torch.autograd.gradcheck(lambda s, w_, b_: f(s, None, None, w_, b_), (src, w, b))
+
+
+@pytest.mark.parametrize("backend", all_backends("bn_act"))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gradcheck_conv_bn_act_recompute(backend, act):
+    """training_memory="min"'s last unit: act(bn(conv(bn_act(src))) + residual), BN affine."""
+    src, w, r = _leaf(3, 2, 4, 4), _leaf(3, 2, 1, 1), _leaf(3, 3, 4, 4)
+    scale, shift = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(2)
+    bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
+    conv_args = ((1, 1), (0, 0), (1, 1), 1)
+
+    def f(s, sc, sh, w_, bw, bb, res):
+        return _fuse._ConvBNActRecompute.apply(s, sc, sh, w_, None, bw, bb, res, conv_args, "silu", act, 1e-5,
+                                               backend, None)[0]
+
+    # relu: kinks are measure-zero but finite differences may cross one; check in a smooth point
+    torch.manual_seed(0)
+    assert torch.autograd.gradcheck(f, (src, scale, shift, w, bn_w, bn_b, r), atol=1e-6)
+    assert torch.autograd.gradcheck(lambda s, w_: f(s, None, None, w_, None, None, None), (src, w), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Whole models against torchvision in float64.
+# ----------------------------------------------------------------------------
+
+
+def _pair(arch, mode, fmt, **kwargs):
+    torch.manual_seed(0)
+    tv = torchvision.models.get_model(arch, num_classes=10, **kwargs).double().train()
+    if not kwargs.get("zero_init_residual"):
+        with torch.no_grad():
+            for m in tv.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.3)
+    fr = fastres.set_training_memory(fastres.convert(copy.deepcopy(tv), warn=False), mode)
+    return fr.to(memory_format=FORMATS[fmt]), tv.to(memory_format=FORMATS[fmt])
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize(
+    "arch, mode, fmt, kwargs",
+    [
+        ("resnet18", "low", "nchw", {}),
+        ("resnet18", "min", "nhwc", {}),
+        ("resnet50", "low", "nhwc", {}),
+        ("resnet50", "min", "nchw", {}),
+        ("resnet50", "min", "nhwc", {"zero_init_residual": True}),
+    ],
+    ids=str,
+)
+def test_float64_gradients_and_running_stats_equal_torchvision(arch, mode, fmt, kwargs):
+    fr, tv = _pair(arch, mode, fmt, **kwargs)
+    for step in range(2):
+        x = torch.randn(2, 3, 40, 40, dtype=torch.float64).contiguous(memory_format=FORMATS[fmt])
+        out, expected = fr(x), tv(x)
+        assert _rel(out, expected) < 1e-9
+        g = torch.randn_like(expected)
+        out.backward(g), expected.backward(g)
+        for (name, p), q in zip(tv.named_parameters(), fr.parameters()):
+            assert _rel(q.grad, p.grad) < 1e-9, (step, name)
+        for (name, b), c in zip(tv.named_buffers(), fr.buffers()):
+            assert _rel(c.double(), b.double()) < 1e-9 if b.is_floating_point() else torch.equal(b, c), name
+
+
+def test_set_training_memory_checks_mode():
+    fr = fastres.models.resnet18()
+    assert fastres.set_training_memory(fr, "min") is fr
+    assert all(m.training_memory == "min" for m in fastres.nn.modules.fused_modules(fr))
+    assert "training_memory='min'" in repr(fr.layer1[0])
+    with pytest.raises(ValueError, match="`mode`"):
+        fastres.set_training_memory(fr, "max")
+
+
+# ----------------------------------------------------------------------------
+# Saved bytes: a count, not a timing.
+# ----------------------------------------------------------------------------
+
+
+def _activation_bytes(model, x):
+    """Bytes saved for backward by one training forward, the parameters left out
+    (both implementations keep them alike, and they do not scale with the batch)."""
+    return saved_bytes(model, x, exclude=list(model.parameters()))[0]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_saved_bytes_against_torchvision(arch, fmt):
+    torch.manual_seed(0)
+    tv = torchvision.models.get_model(arch).train().to(memory_format=FORMATS[fmt])
+    x = torch.randn(2, 3, 96, 96).contiguous(memory_format=FORMATS[fmt])
+    base = _activation_bytes(tv, x)
+    fr = fastres.convert(copy.deepcopy(tv), warn=False).train()
+    assert _activation_bytes(fr, x) <= 0.9 * base  # "low", the default
+    assert _activation_bytes(fastres.set_training_memory(fr, "min"), x) <= 0.55 * base
+
+
+@pytest.mark.parametrize("backend", kernel_backends("bn_act"))
+@pytest.mark.parametrize("mode, bound", [("low", 0.8), ("min", 0.55)])
+def test_saved_bytes_kernel_backend(backend, mode, bound):
+    """The kernel backends' bn_act op keeps its input, never its output."""
+    torch.manual_seed(0)
+    tv = torchvision.models.get_model("resnet18").train().to(DEVICE)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    fr = fastres.set_training_memory(fastres.convert(copy.deepcopy(tv), backend=backend, warn=False), mode)
+    assert _activation_bytes(fr, x) <= bound * _activation_bytes(tv, x)
+
+
+# ----------------------------------------------------------------------------
+# Checkpointing.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["low", "min"])
+def test_torch_utils_checkpoint(mode):
+    """Checkpointed blocks (recomputed in backward: BN statistics update twice, as torchvision's)."""
+    from torch.utils.checkpoint import checkpoint
+
+    fr, tv = _pair("resnet18", mode, "nchw")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def run(model):
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            h = checkpoint(layer, h, use_reentrant=False)
+        return model.fc(torch.flatten(model.avgpool(h), 1))
+
+    out, expected = run(fr), run(tv)
+    assert _rel(out, expected) < 1e-9
+    out.sum().backward(), expected.sum().backward()
+    for (name, p), q in zip(tv.named_parameters(), fr.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-9, name
+    for (name, b), c in zip(tv.named_buffers(), fr.buffers()):
+        assert _rel(c.double(), b.double()) < 1e-9 if b.is_floating_point() else torch.equal(b, c), name
+
+
+@pytest.mark.parametrize("mode", ["low", "min"])
+def test_timm_gradient_checkpointing(mode):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet18", num_classes=10).double().train()
+    fr = fastres.set_training_memory(fastres.convert(copy.deepcopy(ref), warn=False), mode)
+    assert isinstance(fr.layer1[0], fastres.nn.TimmBasicBlock)
+    ref.set_grad_checkpointing(True), fr.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out, expected = fr(x), ref(x)
+    assert _rel(out, expected) < 1e-9
+    out.sum().backward(), expected.sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), fr.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-9, name
+
+
+@pytest.mark.parametrize("mode", ["low", "min"])
+def test_torch_compile_train(mode):
+    """fullgraph (no graph break) through the training units; gradients and running stats as eager."""
+    torch._dynamo.reset()
+    fr, _ = _pair("resnet18", mode, "nhwc")
+    fr = fr.float()
+    ref = copy.deepcopy(fr)
+    compiled = torch.compile(fr, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    out, expected = compiled(x), ref(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward(), expected.sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), fr.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-4, name
+    for (name, b), c in zip(ref.named_buffers(), fr.buffers()):
+        assert _rel(c.double(), b.double()) < 1e-6 if b.is_floating_point() else torch.equal(b, c), name
+
+
+@pytest.mark.parametrize("mode", ["low", "min"])
+def test_deferred_unit_meets_frozen_bn_and_hooks(mode):
+    """A unit's pending BN-act is applied as a tensor when the next unit does not run
+    the training path: a frozen (eval) BN, or a conv with a hook."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet.Bottleneck(16, 4).double().train()
+    fr = fastres.set_training_memory(fastres.convert(copy.deepcopy(tv), warn=False), mode)
+    for m in (tv, fr):
+        m.bn2.eval()
+    fr.conv3.register_forward_hook(lambda *a: None)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    out, expected = fr(x), tv(x)
+    assert _rel(out, expected) < 1e-9
+    out.sum().backward(), expected.sum().backward()
+    for (name, p), q in zip(tv.named_parameters(), fr.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-9, name
+    for (name, b), c in zip(tv.named_buffers(), fr.buffers()):
+        assert _rel(c.double(), b.double()) < 1e-9 if b.is_floating_point() else torch.equal(b, c), name
