@@ -28,7 +28,13 @@ _fx_tracing = getattr(_fx, "_get_is_fx_tracing", _fx.is_fx_tracing)
 
 def is_tracing() -> bool:
     """True inside torch.compile/export, torch.jit.trace (and both ONNX exporters) and FX tracing."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing()
+    return torch.compiler.is_compiling() or is_jit_or_fx_tracing()
+
+
+def is_jit_or_fx_tracing() -> bool:
+    """True inside ``torch.jit.trace`` or FX tracing: tracers that record the ops an autograd
+    function runs, not the function (torch.compile keeps it whole)."""
+    return torch.jit.is_tracing() or _fx_tracing()
 
 
 def is_fx_proxy(x) -> bool:

@@ -58,7 +58,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastres import _layout, _onednn, ops
 from fastres._checks import check_activation
-from fastres._tracing import is_tracing
+from fastres._tracing import is_jit_or_fx_tracing, is_tracing
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
 _ACTIVATION_FACTORIES = {
@@ -554,12 +554,6 @@ class _MaxPool2dIndices(torch.autograd.Function):
         return (torch.ops.aten.max_pool2d_with_indices_backward(grad, like, *ctx.args, indices),) + (None,) * 5
 
 
-def _tracing_fx_or_jit() -> bool:
-    """FX symbolic tracing or ``torch.jit.trace``: they see autograd functions' ops, not the functions."""
-    fx = torch.fx._symbolic_trace
-    return torch.jit.is_tracing() or getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
-
-
 def _layout_is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -567,7 +561,7 @@ def _layout_is_channels_last(x: Tensor) -> bool:
 def max_pool(pool: nn.Module, x: Tensor) -> Tensor:
     """``pool(x)``; in training, a plain ``nn.MaxPool2d`` runs as :class:`_MaxPool2dIndices`."""
     if (
-        type(pool) is not nn.MaxPool2d or _has_hooks(pool) or pool.return_indices or _tracing_fx_or_jit()
+        type(pool) is not nn.MaxPool2d or _has_hooks(pool) or pool.return_indices or is_jit_or_fx_tracing()
         or not torch.is_grad_enabled() or not x.requires_grad or x.dim() != 4
     ):
         return pool(x)
