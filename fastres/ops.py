@@ -346,8 +346,11 @@ def conv_bn_act(
     memory format is what ``F.conv2d`` gives (channels_last if ``x`` or
     ``weight`` is). Replaces ``relu(bn(conv(x)) (+ residual))``.
 
-    The ``"torch"`` backend runs fp32 CPU inference (no gradient needed)
-    through oneDNN's fused convolution (``fastres._onednn``), else the reference.
+    The ``"torch"`` backend runs CPU inference (fp32, bf16, fp16; no gradient
+    needed, not tracing) through oneDNN's fused convolution with the BN scale
+    folded into the weight in fp32 and rounded once (``fastres._onednn``; a
+    ``fastres.nn`` module prepares that weight once, this function per call),
+    else the reference.
     """
     stride, padding, dilation = _check_conv_bn_act(
         "fastres.ops.conv_bn_act", x, weight, scale, shift, residual, stride, padding, dilation, groups, activation
