@@ -18,11 +18,19 @@ Recognized, and converted when every part of them can run fused:
   ``fastres.nn.TimmBasicBlock``/``TimmBottleneck``, when their ``drop_block``,
   ``aa``, ``se`` and ``drop_path`` are absent (timm's ResNet class itself is kept).
 
+Norms fused: ``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, torchvision's
+``FrozenBatchNorm2d`` (the backbone norm of its detection and segmentation
+models) and timm's ``BatchNormAct2d``/``FrozenBatchNormAct2d`` with an
+``nn.Identity`` ``drop`` and a fused activation (``fastres.nn._fuse.library_norms``);
+a norm with its own activation right before the residual add runs unfused (reported).
+
 A block is left as it is (and reported, with the reason) when it overrides
 ``forward``, has hooks, or any of its convs, norms or activations cannot be
-fused: e.g. a norm that is not a ``BatchNorm2d``, a non-zero ``padding_mode``,
-an activation other than ``nn.ReLU``/``nn.SiLU``/``nn.Identity``. A conv with a
-bias is fine (folded into the BN shift in eval; exact in training).
+fused: e.g. a ``GroupNorm``, a non-zero ``padding_mode``, an activation other
+than ``nn.ReLU``/``nn.SiLU``/``nn.Identity``. A conv with a bias is fine (folded
+into the BN shift in eval; exact in training). A model in which nothing is
+converted (no recognized block: e.g. timm's ByobNet ``resnext26ts``) is
+reported and warned about too.
 """
 from __future__ import annotations
 
@@ -59,6 +67,11 @@ class ConversionReport:
 
     def __str__(self) -> str:
         lines = [f"fastres.convert: {len(self.converted)} module(s) converted"]
+        if not self.converted:
+            lines[0] += (
+                ": no recognized ResNet module in this model (torchvision's ResNet, BasicBlock, "
+                "Bottleneck; timm's BasicBlock, Bottleneck); it runs unchanged"
+            )
         for title, d in (("left unconverted", self.unconverted), ("running unfused", self.unfused)):
             if d:
                 lines.append(f"{len(d)} {title}:")
@@ -143,6 +156,9 @@ def _block_problems(m: nn.Module, cls: type, spec: _BlockSpec):
         why = _fuse.activation_unfusable_reason(getattr(m, name))
         if why:
             problems.append(f"{name}: {why}")
+    why = _fuse.norm_before_residual_unfusable_reason(getattr(m, spec.norms[-1]))
+    if why:
+        unfused[f"{spec.convs[-1]}/{spec.norms[-1]}"] = why
     for name in spec.absent:
         part = getattr(m, name, None)
         if part is not None and type(part) is not nn.Identity:
@@ -194,6 +210,8 @@ def _convert_resnet(m, name, tv_resnet, report, backend):
     new._norm_layer = getattr(m, "_norm_layer", nn.BatchNorm2d)
     new._activation = "relu"
     new._bn_frozen = False
+    if type(m.avgpool) is not nn.AdaptiveAvgPool2d or m.avgpool.output_size not in (1, (1, 1)):
+        new._pool_type = None  # a custom pooling: reset_classifier keeps it unless told otherwise
     new.num_features = _num_features(m)
     new.num_classes = m.fc.out_features if isinstance(m.fc, nn.Linear) else None
     report.converted[_label(name)] = f"{_source_name(tv_resnet)} -> fastres.models.ResNet"
@@ -248,8 +266,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = 
     ``backend`` is set on the new fastres modules (None = best available).
 
     The result's ``fastres_conversion`` attribute is a :class:`ConversionReport`;
-    modules left unconverted are also listed in a ``UserWarning`` (``warn=False``
-    silences it).
+    modules left unconverted, or a model in which nothing was converted, are
+    also reported in a ``UserWarning`` (``warn=False`` silences it).
     """
     check_backend_name("fastres.convert", backend)
     if not isinstance(model, nn.Module):
@@ -259,6 +277,6 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = 
     report = ConversionReport()
     result = _convert(model, "", report, backend)
     result.fastres_conversion = report
-    if warn and report.unconverted:
+    if warn and (report.unconverted or not report.converted):
         warnings.warn(str(report), UserWarning, stacklevel=2)
     return result

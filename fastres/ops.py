@@ -367,14 +367,27 @@ def conv_bn_act(
     return fn(x, weight, scale, shift, residual, list(stride), list(padding), list(dilation), groups, activation)
 
 
-def bn_scale_shift(bn: torch.nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:
+_FROZEN_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def bn_scale_shift(bn: torch.nn.Module) -> Tuple[Tensor, Tensor]:
     """Eval-mode ``bn`` as fp32 ``(scale, shift)`` with ``bn(x) == x * scale + shift``.
 
-    Uses the running statistics, so ``bn`` must track them. Differentiable
-    with respect to ``bn.weight`` and ``bn.bias`` (frozen-statistics fine-tuning).
+    ``bn``: an ``nn.BatchNorm`` module (its running statistics, so it must
+    track them), or a frozen BN with ``weight``, ``bias``, ``running_mean``,
+    ``running_var`` tensors and ``eps`` (``torchvision.ops.misc.FrozenBatchNorm2d``).
+    Differentiable with respect to ``bn.weight`` and ``bn.bias`` (frozen-statistics
+    fine-tuning).
     """
-    if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"fastres.ops.bn_scale_shift: expected an nn.BatchNorm module, got {type(bn).__name__}")
+    if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and not (
+        isinstance(bn, torch.nn.Module)
+        and all(isinstance(getattr(bn, a, None), Tensor) for a in _FROZEN_BN_TENSORS)
+        and isinstance(getattr(bn, "eps", None), (int, float))
+    ):
+        raise TypeError(
+            "fastres.ops.bn_scale_shift: expected an nn.BatchNorm module or a frozen BN (tensors weight, bias, "
+            f"running_mean, running_var and a number eps), got {type(bn).__name__}"
+        )
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             "fastres.ops.bn_scale_shift: `bn` has track_running_stats=False, so even in eval mode it "

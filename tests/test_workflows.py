@@ -6,6 +6,11 @@
   cached tensor in the graph (BN edits after tracing are seen).
 * Models made or changed inside ``torch.inference_mode()`` (inference tensors, which have no
   version counter): every construction path works and the scale/shift cache stays correct.
+* FX: ``torch.fx.symbolic_trace`` and torchvision's feature extraction see torchvision's graph.
+* Frozen BN (torchvision's ``FrozenBatchNorm2d``) and timm's ``BatchNormAct2d``/``FrozenBatchNormAct2d``
+  fused; detection and segmentation models on converted backbones (float64); ``convert`` of a model
+  with nothing to convert warns.
+* timm's classifier API on ``fastres.models.ResNet``.
 """
 import contextlib
 import copy
@@ -20,7 +25,9 @@ import fastres.models as fm
 torchvision = pytest.importorskip("torchvision")
 import torchvision.models as tvm  # noqa: E402
 
-from test_nn import assert_close, randomize_bn  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
+
+from test_nn import Counter, assert_close, randomize_bn  # noqa: E402
 
 SHAPE = (1, 3, 64, 64)
 GRAD_MODES = {
@@ -355,3 +362,171 @@ def test_fx_timm_converted_graph_is_timm():
     x = torch.randn(SHAPE)
     with torch.no_grad():
         assert_close(torch.fx.symbolic_trace(cm)(x), tm(x), 1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Frozen BN and timm's norm + act layers; detection and segmentation models
+# ----------------------------------------------------------------------------
+
+def randomize_norms(model, seed=0):
+    """randomize_bn, and the buffers of frozen BNs (torchvision's, timm's)."""
+    randomize_bn(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d"):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.5, generator=g)
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    return model
+
+
+def _n_convs(model):
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("name, backward", [("resnet18", True), ("resnet50", False)])
+def test_frozen_batchnorm_is_fused_in_eval_and_train(name, backward, monkeypatch):
+    torch.manual_seed(0)
+    tv = randomize_norms(getattr(tvm, name)(norm_layer=FrozenBatchNorm2d, num_classes=10))
+    fr = fastres.convert(tv)
+    report = fr.fastres_conversion
+    assert type(fr) is fm.ResNet and not report.unconverted and not report.unfused
+    x = torch.randn(2, 3, 32, 32)
+    calls = Counter(monkeypatch)
+    for train in (False, True):  # a frozen BN never uses batch statistics: one fused op per conv
+        fr.train(train), tv.train(train)
+        with torch.no_grad():
+            assert_close(fr(x), tv(x), 1e-4)
+    assert calls.calls == {"conv_bn_act": 2 * _n_convs(tv), "bn_act": 0}
+    if not backward:
+        return
+    fr(x).square().mean().backward()  # train mode: gradients reach the convs through the fused op
+    tv(x).square().mean().backward()
+    for (n, p), q in zip(fr.named_parameters(), tv.parameters()):
+        assert_close(p.grad, q.grad, 1e-4, n, atol=1e-7)
+
+
+def _timm_norm_act(apply_act, frozen):
+    timm = pytest.importorskip("timm")
+    from functools import partial
+
+    from timm.layers import BatchNormAct2d, freeze_batch_norm_2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, norm_layer=partial(BatchNormAct2d, apply_act=apply_act))
+    if frozen:
+        model = freeze_batch_norm_2d(model)
+    return randomize_norms(model).eval()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["BatchNormAct2d", "FrozenBatchNormAct2d"])
+@pytest.mark.parametrize("apply_act", [False, True], ids=["identity", "relu"])
+def test_timm_norm_act_layers(apply_act, frozen):
+    """timm's norm + act layers are fused (their activation in the epilogue); one with an activation
+    right before the residual add runs unfused, and the report says why."""
+    tm = _timm_norm_act(apply_act, frozen)
+    norm = type(tm.layer1[0].bn2).__name__
+    assert norm == ("FrozenBatchNormAct2d" if frozen else "BatchNormAct2d")
+    cm = fastres.convert(tm)
+    report = cm.fastres_conversion
+    assert not report.unconverted and len(report.converted) == 8
+    if apply_act:
+        assert set(report.unfused) == {f"layer{i}.{j}.conv2/bn2" for i in range(1, 5) for j in range(2)}
+        assert all(f"{norm} applies ReLU before the residual add" in why for why in report.unfused.values())
+    else:
+        assert not report.unfused
+    x = torch.randn(2, 3, 64, 64)
+    for train in (False, True):
+        cm.train(train), tm.train(train)
+        with torch.no_grad():
+            assert_close(cm(x), tm(x), 1e-4)
+
+
+def test_convert_of_a_model_with_nothing_to_convert_warns():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnext26ts")
+    with pytest.warns(UserWarning, match="0 module\\(s\\) converted: no recognized ResNet module"):
+        out = fastres.convert(model)
+    assert not out.fastres_conversion.converted
+    assert "no recognized ResNet module" in str(out.fastres_conversion)
+
+
+def _detector(frozen):
+    from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    torch.manual_seed(0)
+    small = dict(min_size=96, max_size=128)
+    if frozen:  # what weights_backbone=... builds: FrozenBatchNorm2d, the first layers frozen
+        backbone = _resnet_fpn_extractor(tvm.resnet18(norm_layer=FrozenBatchNorm2d), 3)
+        return randomize_norms(FasterRCNN(backbone, num_classes=91, **small))
+    return randomize_norms(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, **small))
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["batchnorm-resnet50", "frozenbn-resnet18"])
+def test_detector_on_converted_backbone_float64(frozen):
+    det = _detector(frozen).eval().double()
+    cdet = fastres.convert(det)
+    report = cdet.fastres_conversion
+    assert len(report.converted) == (16 if not frozen else 8) and not report.unconverted and not report.unfused
+    images = [torch.rand(3, 80, 112, dtype=torch.float64), torch.rand(3, 96, 96, dtype=torch.float64)]
+    with torch.no_grad():
+        out, expected = cdet(images), det(images)
+    for o, e in zip(out, expected):
+        assert o.keys() == e.keys() and len(e["boxes"]) > 0
+        for k in e:
+            assert o[k].shape == e[k].shape, k
+            torch.testing.assert_close(o[k], e[k], rtol=1e-9, atol=1e-9)
+
+
+def test_deeplab_on_converted_backbone_float64():
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    torch.manual_seed(0)
+    seg = randomize_bn(deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=5)).eval().double()
+    cseg = fastres.convert(seg)
+    assert len(cseg.fastres_conversion.converted) == 16 and not cseg.fastres_conversion.unconverted
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out, expected = cseg(x)["out"], seg(x)["out"]
+    assert_close(out, expected, 1e-10)
+
+
+# ----------------------------------------------------------------------------
+# timm's model API on fastres.models.ResNet
+# ----------------------------------------------------------------------------
+
+
+def test_timm_api_matches_timm_resnet():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    tm = randomize_bn(timm.create_model("resnet18", num_classes=10)).eval()
+    fr = fm.resnet18(num_classes=10)
+    fr.load_state_dict(tm.state_dict())  # timm's resnet18 has torchvision's keys
+    fr.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert fr.num_features == tm.num_features == 512
+    assert type(fr.get_classifier()) is type(tm.get_classifier()) is torch.nn.Linear
+
+    def same(what):
+        with torch.no_grad():
+            out, expected = what(fr), what(tm)
+        assert out.shape == expected.shape
+        assert_close(out, expected, 1e-4)
+
+    same(lambda m: m.forward_features(x))
+    same(lambda m: m.forward_head(m.forward_features(x), pre_logits=True))
+    same(lambda m: m(x))
+    for args in [(0, ""), (0, "max"), (0, None), (0, "avg")]:  # None keeps the current pooling
+        fr.reset_classifier(*args), tm.reset_classifier(*args)
+        assert not fr.fc.training
+        same(lambda m: m(x))
+    assert fr(x).shape == (2, 512)
+    fr.reset_classifier(7)
+    assert fr.num_classes == 7 and fr(x).shape == (2, 7)
+    with pytest.raises(ValueError, match="global_pool 'catavgmax'"):
+        fr.reset_classifier(0, "catavgmax")
+    with pytest.raises(ValueError, match="needs num_classes=0"):
+        fr.reset_classifier(3, "")

@@ -7,7 +7,8 @@ parameters, buffers and state_dict keys, and the same outputs (logits
 ``fastres.ops`` (``fastres/nn/_fuse.py``), the input is made channels_last once
 at the start (``ResNet.channels_last``), and timm's conveniences are added:
 ``forward_features``, ``forward_head``, ``reset_classifier``, ``get_classifier``,
-``num_features``, plus ``freeze_bn`` for frozen-statistics fine-tuning.
+``num_features`` (docs/models.md lists what is timm-compatible), plus
+``freeze_bn`` for frozen-statistics fine-tuning.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ __all__ = [
 ]
 
 _Block = Type[Union[BasicBlock, Bottleneck]]
+# reset_classifier's global_pool (timm's names) -> the pooling module at ``avgpool``.
+_POOLS = {
+    "avg": lambda: nn.AdaptiveAvgPool2d((1, 1)),
+    "max": lambda: nn.AdaptiveMaxPool2d((1, 1)),
+    "": nn.Identity,
+}
 
 
 class ResNet(FusedModule):
@@ -48,6 +55,8 @@ class ResNet(FusedModule):
 
     #: Convert the input to channels_last (once, at the start of forward).
     channels_last: bool = True
+    #: The pooling at ``avgpool`` by reset_classifier's name; None: a module set by other means.
+    _pool_type: Optional[str] = "avg"
 
     def __init__(
         self,
@@ -159,9 +168,11 @@ class ResNet(FusedModule):
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool, flatten and (unless ``pre_logits``) classify a ``forward_features`` output."""
+        """Pool, flatten and (unless ``pre_logits``) classify a ``forward_features`` output
+        (timm's method; after ``reset_classifier(0, "")``: no pooling, no flattening)."""
         x = self.avgpool(x)
-        x = torch.flatten(x, 1)
+        if self._pool_type != "":
+            x = torch.flatten(x, 1)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,14 +183,36 @@ class ResNet(FusedModule):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new, freshly initialized ``fc`` for ``num_classes`` (0: no classifier,
-        ``forward`` returns pooled features), on the old one's device and dtype."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's ``reset_classifier``: a new, freshly initialized ``fc`` for ``num_classes``
+        (0: no classifier, ``forward`` returns the pooled features), on the old one's device and dtype.
+
+        ``global_pool``: None keeps the current pooling; ``"avg"`` (torchvision's and
+        timm's default) or ``"max"`` pool to ``[N, num_features]``; ``""`` removes the
+        pooling (with ``num_classes=0``: ``forward`` returns the feature map). The
+        pooling module keeps torchvision's name, ``avgpool``.
+        """
+        if global_pool is not None and global_pool not in _POOLS:
+            raise ValueError(
+                f"ResNet.reset_classifier: unsupported global_pool {global_pool!r}; expected None (keep), "
+                + ", ".join(repr(p) for p in _POOLS)
+            )
+        if global_pool is None:
+            global_pool = self._pool_type
+        if global_pool == "" and num_classes > 0:
+            raise ValueError(
+                f"ResNet.reset_classifier: global_pool='' (no pooling) needs num_classes=0, got {num_classes}"
+            )
         old = self.fc
         ref = next(old.parameters(), None) if isinstance(old, nn.Module) else None
         kw = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        if global_pool is not None and global_pool != self._pool_type:
+            self.avgpool = _POOLS[global_pool]()
+            self._pool_type = global_pool
+        self.avgpool.train(self.training)
+        self.fc.train(self.training)
 
     def freeze_bn(self, freeze: bool = True, *, affine: bool = True) -> "ResNet":
         """Freeze (or unfreeze) the BatchNorm statistics, also across later ``train()`` calls.

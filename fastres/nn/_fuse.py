@@ -19,11 +19,16 @@ given, what can run fused and what must run as the original modules:
   ``nn.BatchNorm2d``'s gradient. Running statistics are updated as
   ``nn.BatchNorm2d`` does (momentum, ``momentum=None`` as a cumulative average,
   unbiased variance, ``num_batches_tracked``), under ``no_grad``.
+* **Frozen BN** (torchvision's ``FrozenBatchNorm2d``, timm's
+  ``FrozenBatchNormAct2d``): fixed statistics, fused as above in eval and in
+  train mode. timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` whose own
+  activation joins the epilogue (:func:`library_norms`, :func:`epilogue`).
 * **Anything else** (a conv that is not a plain zero-padded ``nn.Conv2d``, a norm
-  that is not a ``BatchNorm2d``, a training ``SyncBatchNorm``, modules with
-  hooks): the original modules, ``act(bn(conv(x)) + residual)``, exactly as
-  torchvision runs them. An activation module other than ``nn.ReLU``,
-  ``nn.SiLU`` or ``nn.Identity`` is applied after a fused ``"identity"`` epilogue.
+  not listed above, a training ``SyncBatchNorm``, modules with hooks, a norm
+  activation before a residual add): the original modules,
+  ``act(bn(conv(x)) + residual)``, exactly as torchvision runs them. An
+  activation module other than ``nn.ReLU``, ``nn.SiLU`` or ``nn.Identity`` is
+  applied after a fused ``"identity"`` epilogue.
 
 Eval mode prepares once what it derives from the parameters (BN
 ``scale``/``shift``; on CPU the BN-folded oneDNN weight, prepacked; the
@@ -32,6 +37,7 @@ kernels' weight layout and autocast copy) and caches it on the owning module
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -105,19 +111,55 @@ def conv_unfusable_reason(conv: nn.Module) -> Optional[str]:
     return None
 
 
+def library_norms() -> Tuple[type, ...]:
+    """The norm layers of torchvision and timm (those already imported) fused besides ``nn.BatchNorm2d``.
+
+    * ``torchvision.ops.misc.FrozenBatchNorm2d``: fixed ``weight``, ``bias``,
+      ``running_mean``, ``running_var`` buffers and its own ``eps``; never batch
+      statistics, in train mode too.
+    * timm's ``BatchNormAct2d`` (an ``nn.BatchNorm2d``, then its ``drop`` and
+      ``act`` submodules) and ``FrozenBatchNormAct2d`` (the frozen BN, then
+      ``drop`` and ``act``): fused when ``drop`` is ``nn.Identity`` and ``act`` a
+      fused activation, which then joins the epilogue (see :func:`epilogue`).
+    """
+    out = []
+    tv = sys.modules.get("torchvision.ops.misc")
+    if tv is not None and hasattr(tv, "FrozenBatchNorm2d"):
+        out.append(tv.FrozenBatchNorm2d)
+    timm = sys.modules.get("timm.layers.norm_act")
+    if timm is not None:
+        out += [getattr(timm, n) for n in ("BatchNormAct2d", "FrozenBatchNormAct2d") if hasattr(timm, n)]
+    return tuple(out)
+
+
 def bn_unfusable_reason(bn: nn.Module, *, runtime: bool = False) -> Optional[str]:
     """Why ``bn`` cannot be folded into a fused op, or None if it can.
 
-    ``runtime=True`` also rejects a ``SyncBatchNorm`` that would use batch
-    statistics now (it synchronizes them across processes; it runs as itself).
+    Fused: ``nn.BatchNorm2d``, ``nn.SyncBatchNorm`` and :func:`library_norms`
+    (exact classes: a subclass may compute something else). ``runtime=True``
+    also rejects a ``SyncBatchNorm`` that would use batch statistics now (it
+    synchronizes them across processes; it runs as itself).
     """
     if isinstance(bn, nn.SyncBatchNorm):
         if type(bn).forward is not nn.SyncBatchNorm.forward:
             return f"{type(bn).__name__} overrides forward"
         if runtime and uses_batch_stats(bn):
             return "a training SyncBatchNorm synchronizes batch statistics across processes"
-    elif not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not _BatchNorm.forward:
-        return f"{type(bn).__name__} is not an nn.BatchNorm2d (or SyncBatchNorm)"
+    elif isinstance(bn, nn.BatchNorm2d) and type(bn).forward is _BatchNorm.forward:
+        pass
+    elif type(bn) in library_norms():
+        if "act" in bn._modules:  # timm's norm + activation layers
+            name = type(bn).__name__
+            if type(bn.drop) is not nn.Identity or _has_hooks(bn.drop):
+                return f"{name}.drop is {type(bn.drop).__name__} (only nn.Identity without hooks is fused)"
+            why = activation_unfusable_reason(bn.act)
+            if why:
+                return f"{name}.act: {why}"
+    else:
+        return (
+            f"{type(bn).__name__} is not an nn.BatchNorm2d, SyncBatchNorm, torchvision FrozenBatchNorm2d "
+            "or timm BatchNormAct2d/FrozenBatchNormAct2d"
+        )
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin):
         return f"{type(bn).__name__} is not initialized yet"
     if _has_hooks(bn):
@@ -125,9 +167,47 @@ def bn_unfusable_reason(bn: nn.Module, *, runtime: bool = False) -> Optional[str
     return None
 
 
-def uses_batch_stats(bn: _BatchNorm) -> bool:
-    """Whether ``bn`` normalizes with batch statistics now (``nn.BatchNorm2d``'s rule)."""
-    return bn.training or bn.running_mean is None or bn.running_var is None
+def uses_batch_stats(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalizes with batch statistics now (``nn.BatchNorm2d``'s rule; never for a frozen BN)."""
+    return isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None or bn.running_var is None)
+
+
+def norm_activation(bn: nn.Module) -> Optional[nn.Module]:
+    """The activation module that a fusable norm applies itself (timm's norm + act layers), or None."""
+    act = bn._modules.get("act")
+    return None if act is None or type(bn).forward is _BatchNorm.forward else act
+
+
+def epilogue(bn: nn.Module, act: Optional[nn.Module], residual: bool) -> Optional[Tuple[str, Optional[nn.Module]]]:
+    """How ``act(bn(y) (+ residual))`` runs after a fusable ``bn``: ``(fused activation, module
+    applied after the fused op or None)``, or None when it cannot be fused.
+
+    An ``act`` that is not a fused activation runs after an ``"identity"``
+    epilogue. A norm with its own activation (timm's ``BatchNormAct2d``) puts
+    it in the epilogue, ``act`` running after it (relu after relu is relu);
+    before a residual add it cannot be fused (the epilogue adds the residual
+    before activating).
+    """
+    name = activation_name(act)
+    inner = norm_activation(bn)
+    if inner is not None:
+        inner_name = activation_name(inner)
+        if inner_name != "identity":
+            if residual:
+                return None
+            return inner_name, (None if name == "identity" or name == inner_name == "relu" else act)
+    return ("identity", act) if name is None else (name, None)
+
+
+def norm_before_residual_unfusable_reason(bn: nn.Module) -> Optional[str]:
+    """Why ``bn``, followed by a residual add, must run unfused although it is fusable, or None."""
+    inner = norm_activation(bn)
+    if inner is None or activation_name(inner) == "identity":
+        return None
+    return (
+        f"{type(bn).__name__} applies {type(inner).__name__} before the residual add (the fused "
+        "epilogue adds the residual first)"
+    )
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -284,7 +364,8 @@ class PreparedCache:
     ``train()``/``eval()`` around a training-mode forward that updates running
     statistics. Other in-place edits of inference tensors inside inference
     mode (``bn.running_var.mul_(2)``, ``.data`` edits, a BN's own
-    ``load_state_dict``) are not seen: call ``fastres.nn.clear_cache`` after them.
+    ``load_state_dict``, a training forward after ``bn.train()`` on the BN
+    alone) are not seen: call ``fastres.nn.clear_cache`` after them.
 
     Nothing is cached (the form is recomputed, which is always correct):
 
@@ -483,8 +564,10 @@ def conv_bn_act(
     """``act(bn(conv(x)) (+ residual))``, fused as far as the modules allow (module docstring)."""
     if conv_unfusable_reason(conv) is not None or bn_unfusable_reason(bn, runtime=True) is not None:
         return _unfused(x, conv, bn, act, residual)
-    name = activation_name(act)
-    fused_act = "identity" if name is None else name
+    plan = epilogue(bn, act, residual is not None)
+    if plan is None:
+        return _unfused(x, conv, bn, act, residual)
+    fused_act, post = plan
     low = _autocast_dtype(x)  # custom ops do not autocast: cast as F.conv2d would
     if uses_batch_stats(bn):
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv_padding(conv), conv.dilation, conv.groups)
@@ -493,4 +576,4 @@ def conv_bn_act(
         out = ops.bn_act(yc, scale, shift, residual, fused_act, backend=backend)
     else:
         out = _eval_conv_bn_act(cache, slot, x, conv, bn, fused_act, residual, backend, low)
-    return out if name is not None else act(out)
+    return out if post is None else post(out)

@@ -311,8 +311,9 @@ def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
 
 def clear_cache(model: nn.Module) -> nn.Module:
     """Drop everything ``model``'s fastres modules prepared from their parameters (eval-mode BN
-    scale/shift, folded and prepacked weights; only needed after editing parameters or
-    buffers through ``.data``, which PyTorch does not version); returns ``model``."""
+    scale/shift, folded and prepacked weights; only needed after editing parameters or buffers
+    through ``.data``, or editing inference tensors in place inside ``inference_mode``: PyTorch
+    versions neither); returns ``model``."""
     for m in fused_modules(model):
         m._fastres_cache.clear()
     return model
