@@ -388,8 +388,11 @@ def conv_bn_act(
     memory format is what ``F.conv2d`` gives (channels_last if ``x`` or
     ``weight`` is). Replaces ``relu(bn(conv(x)) (+ residual))``.
 
-    The ``"torch"`` backend runs fp32 CPU inference (no gradient needed)
-    through oneDNN's fused convolution (``fastres._onednn``), else the reference.
+    The ``"torch"`` backend runs CPU inference (fp32, bf16, fp16; no gradient
+    needed, not tracing) through oneDNN's fused convolution with the BN scale
+    folded into the weight in fp32 and rounded once (``fastres._onednn``; a
+    ``fastres.nn`` module prepares that weight once, this function per call),
+    else the reference.
     The ``"cudnn"`` backend folds the BN into the weight (``fastres._cudnn``).
     ``backend=None`` on CUDA chooses per shape, measuring on first use
     (``fastres.tune``); elsewhere it is ``"torch"``.

@@ -9,7 +9,7 @@ from torch import nn
 
 import fastres
 from fastres import _onednn
-from fastres.nn import ConvBNAct, _fuse
+from fastres.nn import ConvBNAct
 from conftest import DEVICE, kernel_backends
 
 CL = torch.channels_last
@@ -160,10 +160,18 @@ def test_grad_mode_caches_when_no_parameter_requires_grad():
 
 
 def test_model_built_and_run_in_inference_mode():
+    """Inference tensors have no version counter: the forms are reused while nothing changes,
+    and load_state_dict (in-place copies, unversioned) drops them."""
     with torch.inference_mode():
         s = Setup("onednn_fp32_cl")
         s.check()
+        first = s.values()
         s.check()
+        assert all(s.values()[k] is v for k, v in first.items())
+        other = randomize_bn(ConvBNAct(3, 4, 3, bias=True), seed=5)
+        s.m.load_state_dict(other.state_dict())
+        s.check()
+        assert not any(s.values().get(k) is v for k, v in first.items())
     s.check()
 
 
