@@ -20,6 +20,11 @@ Eval providers (:func:`eval_providers`):
 ``tv-compile-max-autotune``  ``torch.compile(model, mode="max-autotune")`` (it uses CUDA graphs)
 ``tv-compile-freezing``      (CPU) ``torch.compile(model, options={"freezing": True})``: inductor
                              folds BN and prepacks oneDNN weights (fp32, and bf16 where oneDNN has it)
+``onnxruntime``              (CPU, when onnx and onnxruntime are installed) the torchvision model
+                             exported to ONNX, in an ONNX Runtime CPU session (fp32, NCHW)
+``openvino``                 (CPU, when openvino is installed) the torchvision model converted by
+                             OpenVINO and compiled for its CPU plugin (fp32 model; OpenVINO's default
+                             inference precision, bf16 where the CPU has it)
 ``fastres-<backend>``        ``fastres.convert(model, backend=...)`` for each usable backend
 ``fastres-auto``             (GPU) ``fastres.convert(model)``: ``backend=None``, the per-shape choice of
                              ``fastres.tune`` (the row says which backends ran, and the tuning time)
@@ -42,7 +47,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import importlib.util
+import io
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -110,7 +118,7 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
     cl, f32 = "channels_last", torch.float32
     if device.type != "cuda":
         out = [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", f32, cl),
-               ModelProvider("tv-fx-fuse", f32, cl)]
+               ModelProvider("tv-fx-fuse", f32, cl), *engine_providers()]
         out += [ModelProvider(f"fastres-{b}", f32, cl, b) for b in eval_backends(device)]
         out += [ModelProvider(_compile_name(m), f32, cl) for m in compile_modes]
         if "default" in compile_modes:
@@ -138,6 +146,16 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
         if full:
             out.append(ModelProvider("fastres-auto", other, cl, best))
     return out
+
+
+ENGINES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
+
+
+def engine_providers() -> List[ModelProvider]:
+    """Rows of the other CPU inference engines that are installed (optional, never required):
+    ONNX Runtime and OpenVINO, each running the torchvision model (fp32 weights, NCHW input)."""
+    return [ModelProvider(name, torch.float32, "nchw") for name, packages in ENGINES.items()
+            if all(importlib.util.find_spec(pkg) is not None for pkg in packages)]
 
 
 def _compile_name(mode: str) -> str:
@@ -300,7 +318,42 @@ class _Prepared:
     saved_bytes: Optional[int] = None  # training: bytes saved for backward by the first step's forward
 
 
+def _setup_engine(p: ModelProvider, base: nn.Module, x: torch.Tensor) -> _Prepared:
+    """An ONNX Runtime or OpenVINO CPU model of the torchvision model; ``first_call_s`` is the
+    export/conversion, the engine's compilation and the first call."""
+    model = copy.deepcopy(base).eval().float()
+    xin = _input(x, p)
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes
+        if p.name == "onnxruntime":
+            import onnxruntime
+
+            buf = io.BytesIO()
+            torch.onnx.export(model, (xin,), buf, input_names=["x"], output_names=["logits"], dynamo=False)
+            session = onnxruntime.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+            feed = {"x": xin.numpy()}
+
+            def forward():
+                return session.run(None, feed)[0]
+        else:
+            import openvino
+
+            compiled = openvino.compile_model(openvino.convert_model(model, example_input=xin), "CPU")
+            array = xin.numpy()
+
+            def forward():
+                return compiled(array)[0]
+
+        y = torch.from_numpy(forward()).float().clone()
+    first_s = time.perf_counter() - t0
+    weights = sum(t.numel() * t.element_size() for t in model.parameters()) / MiB
+    return _Prepared(forward, first_s, y, (model, xin), {"weights_mib": weights})
+
+
 def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, device: torch.device) -> _Prepared:
+    if p.name in ENGINES:
+        return _setup_engine(p, base, x)
     model = _prepare(p, base, device, train=False)
     xin = _input(x, p)
     with torch.no_grad():
