@@ -54,8 +54,8 @@ def fold_bn(weight: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tenso
     """
     ct = reference.compute_dtype(weight.dtype)
     s = scale.to(ct).view(-1, 1, 1, 1)
-    if torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad):
-        w = (weight.to(ct) * s).to(weight.dtype)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)):
+        w = (weight.to(ct) * s).to(weight.dtype)  # (dynamo refuses a strided out=; inductor fuses these)
     else:  # the same math in one kernel: computed in ct (type promotion), rounded once into out
         w = torch.mul(weight, s, out=torch.empty_like(weight))
     return w, shift.to(weight.dtype)

@@ -372,7 +372,7 @@ def _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, 
     a = src if scale_prev is None else ops.bn_act(src, scale_prev, shift_prev, None, act_prev, backend=backend)
     y = F.conv2d(a, weight, bias, *conv_args)
     ct = compute_dtype(y.dtype)
-    center = torch.mean(y, dim=(0, 2, 3), dtype=ct).to(y.dtype)
+    center = torch.mean(y.detach(), dim=(0, 2, 3), dtype=ct).to(y.dtype)
     yc = y - center.view(1, -1, 1, 1)
     var, mean_c = torch.var_mean(yc.to(ct), dim=(0, 2, 3), correction=0)
     return a, yc, var, mean_c, center
@@ -485,24 +485,28 @@ def _train_unit(
     deferred = defer and residual is None and post is None
     n = _values_per_channel(src, weight, conv_args)
     update = lambda var, mean_c, center: _update_running_stats(bn, var, mean_c, center, n)  # noqa: E731
-    if memory == "min" and not deferred:
-        # Eager: the running statistics are updated inside the function's forward, before it
-        # saves anything: torch.utils.checkpoint's recomputation stops once the last tensor of
-        # the region is saved again, and this unit may save it (torchvision's BN updates its
-        # statistics before its ReLU saves). torch.compile traces no buffer mutation inside an
-        # autograd function: there the update follows it.
-        inline = not torch.compiler.is_compiling()
+    # Under torch.compile the unit runs as plain differentiable ops: the compiler's partitioner
+    # chooses what to keep for backward itself (recomputing cheap ops), and torch 2.11's AOT
+    # autograd computes wrong gradients through these autograd functions (tests/test_training_memory.py).
+    compiling = torch.compiler.is_compiling()
+    if memory == "min" and not deferred and not compiling:
+        # The running statistics are updated inside the function's forward, before it saves
+        # anything: torch.utils.checkpoint's recomputation stops once the last tensor of the
+        # region is saved again, and this unit may save it (torchvision's BN updates its
+        # statistics before its ReLU saves).
         residual = _cast(residual, src.dtype if low is not None else None)
         out, var, mean_c, center = _ConvBNActRecompute.apply(
             src, scale_prev, shift_prev, weight, bias, bn.weight, bn.bias, residual, conv_args, act_prev,
-            fused_act, bn.eps, backend, update if inline else None,
+            fused_act, bn.eps, backend, update,
         )
-        if not inline:
-            update(var, mean_c, center)
         return out if post is None else post(out)
-    yc, var, mean_c, center = _ConvBatchStats.apply(
-        src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend
-    )
+    if compiling:
+        yc, var, mean_c, center = _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev,
+                                              backend)[1:]
+    else:
+        yc, var, mean_c, center = _ConvBatchStats.apply(
+            src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend
+        )
     update(var, mean_c, center)
     _, scale, shift = _scale_shift(var, mean_c, bn.eps, bn.weight, bn.bias)
     if deferred:
