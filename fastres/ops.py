@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastres import _cudnn, _layout, _onednn, _tune, backends, reference
+from fastres import _cpu_bn, _cudnn, _layout, _onednn, _tune, backends, reference
 from fastres._checks import (
     check_activation,
     check_channel_vector,
@@ -331,7 +331,8 @@ def bn_act(
     _check_bn_act("fastres.ops.bn_act", x, scale, shift, residual, activation)
     fn = _run("bn_act", backend, x.device)
     if fn is None:
-        return reference.bn_act(x, scale, shift, residual, activation)
+        impl = _cpu_bn if _cpu_bn.applies(x, scale, residual, activation) else reference
+        return impl.bn_act(x, scale, shift, residual, activation)
     return fn(x, scale, shift, residual, activation)
 
 
@@ -362,7 +363,8 @@ def bn_act_backward(
     check_like("fastres.ops.bn_act_backward", "grad", grad, x)
     fn = _run("bn_act", backend, x.device)
     if fn is None:
-        return reference.bn_act_backward(grad, x, scale, shift, residual, activation, residual_grad, output)
+        impl = _cpu_bn if _cpu_bn.applies(x, scale, residual, activation) else reference
+        return impl.bn_act_backward(grad, x, scale, shift, residual, activation, residual_grad, output)
     bwd = _BACKWARD_OPS[fn]
     return bwd(grad, x, scale, shift, residual, activation, residual_grad, output)
 

@@ -70,7 +70,7 @@ def test_add_act_backward(backend, fmt, dtype, act):
         torch.testing.assert_close(got, want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", kernel_backends("bn_act"))
+@pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (4, 16, 3, 3)], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

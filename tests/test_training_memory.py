@@ -51,14 +51,14 @@ def test_reference_backward_is_autograd():
                 assert gz.numel() == 0
 
 
-@pytest.mark.parametrize("backend", kernel_backends("bn_act"))
+@pytest.mark.parametrize("backend", all_backends("bn_act"))  # "torch": fastres._cpu_bn on the CPU
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (3, 16, 3, 3)], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 def test_bn_act_backward_output(backend, shape, fmt, dtype, act, with_residual):
-    """(grad_x, grad_z, grad_scale, grad_shift, y) of a kernel backend == the reference's."""
+    """(grad_x, grad_z, grad_scale, grad_shift, y) of a backend == the reference's."""
     x, g = _x(shape, dtype, fmt), _x(shape, dtype, fmt)
     r = _x(shape, dtype, fmt) if with_residual else None
     scale = torch.rand(shape[1], device=DEVICE) + 0.5
@@ -77,6 +77,24 @@ def test_bn_act_backward_output(backend, shape, fmt, dtype, act, with_residual):
     assert plain[4].numel() == 0
     for a, b in zip(plain[:4], got[:4]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_bn_act_torch_backend_fp64(fmt, act, with_residual):
+    """fp64 with fp64 scale/shift (fp64 training) on the "torch" backend: the reference's to fp64 rounding."""
+    x, g = _x((2, 5, 7, 9), torch.float64, fmt), _x((2, 5, 7, 9), torch.float64, fmt)
+    r = _x((2, 5, 7, 9), torch.float64, fmt) if with_residual else None
+    scale = torch.rand(5, device=DEVICE, dtype=torch.float64) + 0.5
+    shift = torch.randn(5, device=DEVICE, dtype=torch.float64)
+    torch.testing.assert_close(ops.bn_act(x, scale, shift, r, act, backend="torch"),
+                               reference.bn_act(x, scale, shift, r, act), **TOL[torch.float64])
+    got = ops.bn_act_backward(g, x, scale, shift, r, act, with_residual, True, backend="torch")
+    want = reference.bn_act_backward(g, x, scale, shift, r, act, with_residual, True)
+    for name, a, b in zip(["grad_x", "grad_z", "grad_scale", "grad_shift", "y"], got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", kernel_backends("bn_act"))

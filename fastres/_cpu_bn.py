@@ -1,0 +1,86 @@
+"""``bn_act`` and its backward on the CPU through BatchNorm's own CPU kernels.
+
+The ``"torch"`` backend of :func:`fastres.ops.bn_act` is the reference
+(``fastres/reference.py``): a chain of elementwise PyTorch ops, each a full pass
+over the tensor, and its backward a dozen more. On the CPU, where training runs
+them once per conv, ATen's BatchNorm kernels do the same math in one
+vectorized pass each (channels_last or NCHW, with fp32 accumulation for
+bf16/fp16): ``x * scale[c] + shift[c]`` is an eval-mode ``torch.batch_norm``
+with ``weight=scale``, ``bias=shift``, ``running_mean=0``, ``running_var=1``
+and ``eps=0`` (so its ``weight / sqrt(var + eps)`` is ``scale`` exactly), and
+``(grad_z * scale[c], sum(grad_z * x), sum(grad_z))`` is that batch norm's
+``native_batch_norm_backward``.
+
+Used where the result is the reference's up to the order of fp32 roundings:
+fp32 and fp64 (with ``scale`` of ``x``'s dtype), and bf16/fp16 without a
+residual and with ReLU or identity (where ``grad_z`` is ``grad`` or zero, so
+the kernels round each output once from fp32, like the reference); a bf16
+residual add or SiLU would round an intermediate in bf16, so they keep the
+reference. Not under tracing: graphs keep the reference's plain ops.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastres._tracing import is_tracing
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def applies(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> bool:
+    """Whether :func:`bn_act` and :func:`bn_act_backward` stand for the reference here."""
+    if x.device.type != "cpu" or x.dim() != 4 or is_tracing():
+        return False
+    if x.dtype in (torch.float32, torch.float64):
+        return scale.dtype == x.dtype
+    return x.dtype in _LOW and scale.dtype == torch.float32 and residual is None and act != "silu"
+
+
+def _pre_activation(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]) -> Tensor:
+    """``x * scale[c] + shift[c] (+ residual)`` in ``x``'s dtype and memory format."""
+    c = scale.shape[0]
+    z = torch.batch_norm(x, scale, shift, scale.new_zeros(c), scale.new_ones(c), False, 0.0, 0.0, False)
+    return z if residual is None else z.add_(residual)
+
+
+def _activate_(z: Tensor, act: str) -> Tensor:
+    if act == "relu":
+        return z.relu_()
+    if act == "silu":
+        return torch.nn.functional.silu(z, inplace=True)
+    return z
+
+
+def bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
+    """:func:`fastres.reference.bn_act`."""
+    return _activate_(_pre_activation(x, scale, shift, residual), act)
+
+
+def bn_act_backward(
+    grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str,
+    residual_grad: bool, output: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`fastres.reference.bn_act_backward`."""
+    z = _pre_activation(x, scale, shift, residual)
+    if act == "silu":
+        gz = torch.ops.aten.silu_backward(grad, z)
+        y = _activate_(z, act) if output else None
+    else:
+        y = _activate_(z, act)
+        gz = torch.ops.aten.threshold_backward(grad, y, 0) if act == "relu" else grad
+    c = scale.shape[0]
+    grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
+        gz, x, scale, scale.new_zeros(c), scale.new_ones(c), None, None, False, 0.0, [True, True, True]
+    )
+    empty = x.new_empty(0)
+    return (
+        grad_x,
+        gz if residual_grad else empty,
+        grad_scale.to(scale.dtype),
+        grad_shift.to(shift.dtype),
+        y if output else empty,
+    )
+
