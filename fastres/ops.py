@@ -43,7 +43,7 @@ from fastres._checks import (
     check_like,
     pair,
 )
-
+from fastres._tracing import is_tracing
 
 if backends.TRITON_VERSION is not None:  # else the triton backend reports why it is missing
     import fastres.triton  # noqa: F401  (defines the triton ops)
@@ -283,6 +283,30 @@ _BACKWARD_OPS = {
 }
 
 
+def _torch_bn_act(x, scale, shift, residual, activation):
+    impl = _cpu_bn if _cpu_bn.applies(x, scale, residual, activation) else reference
+    return impl.bn_act(x, scale, shift, residual, activation)
+
+
+def _torch_bn_act_backward(grad, x, scale, shift, residual, activation, residual_grad, output=False):
+    impl = _cpu_bn if _cpu_bn.applies(x, scale, residual, activation) else reference
+    return impl.bn_act_backward(grad, x, scale, shift, residual, activation, residual_grad, output)
+
+
+class _TorchBNAct(torch.autograd.Function):
+    """The ``"torch"`` backend's ``bn_act`` under autograd, with the kernel ops' autograd
+    (:func:`_bn_act_setup`: it keeps ``x`` and the residual, tensors its callers keep
+    anyway): autograd through the reference's ops would keep their fp32 intermediates,
+    two extra fp32 copies per call for a bf16 input."""
+
+    @staticmethod
+    def forward(x, scale, shift, residual, activation):
+        return _torch_bn_act(x, scale, shift, residual, activation)
+
+    setup_context = staticmethod(_bn_act_setup)
+    backward = staticmethod(_bn_act_autograd(_torch_bn_act_backward))
+
+
 def implemented_backends(op: str) -> List[str]:
     """The backends this build implements for ``op`` ("torch" always)."""
     return ["torch", *_OPS[op]]
@@ -331,8 +355,11 @@ def bn_act(
     _check_bn_act("fastres.ops.bn_act", x, scale, shift, residual, activation)
     fn = _run("bn_act", backend, x.device)
     if fn is None:
-        impl = _cpu_bn if _cpu_bn.applies(x, scale, residual, activation) else reference
-        return impl.bn_act(x, scale, shift, residual, activation)
+        if torch.is_grad_enabled() and not is_tracing() and any(
+            t is not None and t.requires_grad for t in (x, scale, shift, residual)
+        ):
+            return _TorchBNAct.apply(x, scale, shift, residual, activation)
+        return _torch_bn_act(x, scale, shift, residual, activation)
     return fn(x, scale, shift, residual, activation)
 
 
@@ -363,8 +390,7 @@ def bn_act_backward(
     check_like("fastres.ops.bn_act_backward", "grad", grad, x)
     fn = _run("bn_act", backend, x.device)
     if fn is None:
-        impl = _cpu_bn if _cpu_bn.applies(x, scale, residual, activation) else reference
-        return impl.bn_act_backward(grad, x, scale, shift, residual, activation, residual_grad, output)
+        return _torch_bn_act_backward(grad, x, scale, shift, residual, activation, residual_grad, output)
     bwd = _BACKWARD_OPS[fn]
     return bwd(grad, x, scale, shift, residual, activation, residual_grad, output)
 
