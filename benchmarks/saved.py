@@ -31,10 +31,12 @@ def saved_bytes(fn: Callable, *args, exclude: Iterable[torch.Tensor] = ()) -> Tu
 
 
 def main(argv=None) -> None:
-    """``python -m benchmarks.saved [--arch ...] [--batch N] [--image-size S]``: the bytes a
-    training forward saves for backward, torchvision against fastres (``"low"`` and ``"min"``),
-    fp32 on the CPU, NCHW and channels_last (no timing: seconds per model)."""
+    """``python -m benchmarks.saved [--arch ...] [--dtype ...] [--batch N] [--image-size S]``: the
+    bytes a training forward saves for backward, torchvision against fastres (``"low"`` and
+    ``"min"``), on the CPU, NCHW and channels_last, fp32 and bf16 (autocast, as bf16 training
+    runs), parameters left out (no timing: seconds per model)."""
     import argparse
+    import contextlib
     import copy
 
     import torchvision
@@ -43,23 +45,30 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args(argv)
-    print("| model | layout | torchvision MiB | fastres low MiB | vs tv | fastres min MiB | vs tv |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | dtype | layout | torchvision MiB | fastres low MiB | vs tv | fastres min MiB | vs tv |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for arch in args.arch:
-        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
-            torch.manual_seed(0)
-            tv = torchvision.models.get_model(arch).train().to(memory_format=fmt)
-            x = torch.randn(args.batch, 3, args.image_size, args.image_size).contiguous(memory_format=fmt)
-            base = saved_bytes(tv, x)[0]
-            row = [arch, layout, f"{base / 2**20:.0f}"]
-            for mode in ("low", "min"):
-                fr = fastres.set_training_memory(fastres.convert(copy.deepcopy(tv), warn=False), mode)
-                n = saved_bytes(fr, x)[0]
-                row += [f"{n / 2**20:.0f}", f"{n / base:.3f}x"]
-            print("| " + " | ".join(row) + " |", flush=True)
+        for dtype in args.dtype:
+            for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+                torch.manual_seed(0)
+                tv = torchvision.models.get_model(arch).train().to(memory_format=fmt)
+                x = torch.randn(args.batch, 3, args.image_size, args.image_size).contiguous(memory_format=fmt)
+
+                def count(model):
+                    amp = torch.autocast("cpu", torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+                    with amp:
+                        return saved_bytes(model, x, exclude=model.parameters())[0]
+
+                base = count(tv)
+                row = [arch, dtype, layout, f"{base / 2**20:.0f}"]
+                for mode in ("low", "min"):
+                    n = count(fastres.set_training_memory(fastres.convert(copy.deepcopy(tv), warn=False), mode))
+                    row += [f"{n / 2**20:.0f}", f"{n / base:.3f}x"]
+                print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
