@@ -136,7 +136,7 @@ def test_gradcheck_conv_batch_stats(backend, act_prev):
 
     def f(*a):
         # center is the detached batch mean: only what does not depend on it is a function of the inputs
-        yc, var, mean_c, _ = _fuse._ConvBatchStats.apply(*a, conv_args, act_prev, backend)
+        yc, var, mean_c, _ = _fuse._ConvBatchStats.apply(*a, conv_args, act_prev, backend, None)
         return yc - mean_c.view(1, -1, 1, 1), var
 
     assert torch.autograd.gradcheck(f, (src, scale, shift, w, b))
@@ -154,7 +154,7 @@ def test_gradcheck_conv_bn_act_recompute(backend, act):
 
     def f(s, sc, sh, w_, bw, bb, res):
         return _fuse._ConvBNActRecompute.apply(s, sc, sh, w_, None, bw, bb, res, conv_args, "silu", act, 1e-5,
-                                               backend, None)[0]
+                                               backend, None, None)[0]
 
     # relu: kinks are measure-zero but finite differences may cross one; check in a smooth point
     torch.manual_seed(0)
@@ -231,14 +231,21 @@ def _activation_bytes(model, x):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_saved_bytes_against_torchvision(arch, fmt):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_saved_bytes_against_torchvision(arch, fmt, dtype):
+    """fp32, and bf16 as it trains (autocast: the bf16 copies of the weights that autograd
+    through F.conv2d keeps count too; fastres makes them again in the backward)."""
     torch.manual_seed(0)
     tv = torchvision.models.get_model(arch).train().to(memory_format=FORMATS[fmt])
     x = torch.randn(2, 3, 96, 96).contiguous(memory_format=FORMATS[fmt])
-    base = _activation_bytes(tv, x)
     fr = fastres.convert(copy.deepcopy(tv), warn=False).train()
-    assert _activation_bytes(fr, x) <= 0.9 * base  # "low", the default
-    assert _activation_bytes(fastres.set_training_memory(fr, "min"), x) <= 0.55 * base
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        base = _activation_bytes(tv, x)
+        low = _activation_bytes(fr, x)
+        low_min = _activation_bytes(fastres.set_training_memory(fr, "min"), x)
+    print(arch, fmt, dtype, low / base, low_min / base)
+    assert low <= 0.9 * base
+    assert low_min <= 0.55 * base
 
 
 @pytest.mark.parametrize("backend", kernel_backends("bn_act"))

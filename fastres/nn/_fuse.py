@@ -285,25 +285,31 @@ class _ConvBatchStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend):
-        return _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend)[1:]
+    def forward(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low):
+        return _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low)[1:]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend = inputs
+        src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low = inputs
         yc, _, mean_c, center = output
         ctx.mark_non_differentiable(center)
         ctx.save_for_backward(src, scale_prev, shift_prev, weight, yc, mean_c)
-        ctx.conv_args, ctx.act_prev, ctx.backend = conv_args, act_prev, backend
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        _save_conv(ctx, conv_args, act_prev, backend, low, bias)
 
     @staticmethod
     def backward(ctx, grad_yc, grad_var, grad_mean, _grad_center):
         src, scale_prev, shift_prev, weight, yc, mean_c = ctx.saved_tensors
         dy = _stats_backward(yc, mean_c, grad_yc, grad_var, grad_mean)
         return _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, None, ctx.needs_input_grad[:5]) + (
-            None, None, None,
+            None, None, None, None,
         )
+
+
+def _save_conv(ctx, conv_args, act_prev, backend, low, bias) -> None:
+    """What :func:`_conv_backward` reads from ``ctx`` besides the saved tensors."""
+    ctx.conv_args, ctx.act_prev, ctx.backend, ctx.low = conv_args, act_prev, backend, low
+    ctx.bias_sizes = None if bias is None else list(bias.shape)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, a, need):
@@ -313,18 +319,21 @@ def _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, a, need):
     ``a`` is the recomputed activation if the caller has it, else None: then
     the fused ``bn_act`` backward recomputes it (``output=True``) in the pass
     that computes the previous unit's gradients, after the conv's input
-    gradient and before its weight gradient.
+    gradient and before its weight gradient. ``weight`` is the parameter: under
+    autocast its low-precision copy is made again here rather than kept from
+    the forward (autograd through ``F.conv2d`` keeps it: a model's size of
+    extra memory in bf16 training).
     """
     stride, padding, dilation, groups = ctx.conv_args
+    w = _cast(weight, ctx.low)
     conv_bwd = lambda inp, mask: torch.ops.aten.convolution_backward(  # noqa: E731
-        dy, inp, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask
+        dy, inp, w, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask
     )
     grad_src = grad_scale = grad_shift = grad_w = grad_b = None
     need_prev = need[0] or need[1] or need[2]
     if scale_prev is None:  # the input is the activation itself
         grad_src, grad_w, grad_b = conv_bwd(src, [need[0], need[3], need[4]])
-        return grad_src, None, None, grad_w, grad_b
-    if a is not None:
+    elif a is not None:
         grad_a, grad_w, grad_b = conv_bwd(a, [need_prev, need[3], need[4]])
         if need_prev:
             grad_src, _, grad_scale, grad_shift, _ = ops.bn_act_backward(
@@ -346,8 +355,8 @@ def _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, a, need):
         grad_src if need[0] else None,
         grad_scale if need[1] else None,
         grad_shift if need[2] else None,
-        grad_w,
-        grad_b,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(ctx.bias_dtype),
     )
 
 
@@ -367,10 +376,10 @@ def _stats_backward(yc: Tensor, mean_c: Tensor, grad_yc: Optional[Tensor], grad_
     return torch.addcmul(base, yc.to(ct), b.view(1, -1, 1, 1)).to(yc.dtype)
 
 
-def _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend):
+def _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low):
     """``(a, yc, var, mean_c, center)`` of :class:`_ConvBatchStats`'s forward."""
     a = src if scale_prev is None else ops.bn_act(src, scale_prev, shift_prev, None, act_prev, backend=backend)
-    y = F.conv2d(a, weight, bias, *conv_args)
+    y = F.conv2d(a, _cast(weight, low), _cast(bias, low), *conv_args)
     center = _batch_var_mean(y.detach())[1].to(y.dtype)
     yc = y - center.view(1, -1, 1, 1)
     var, mean_c = _batch_var_mean(yc)
@@ -428,9 +437,9 @@ class _ConvBNActRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, residual, conv_args, act_prev, act,
-                eps, backend, update_stats):
+                eps, backend, low, update_stats):
         _, yc, var, mean_c, center = _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev,
-                                                 backend)
+                                                 backend, low)
         if update_stats is not None:
             update_stats(var, mean_c, center)
         _, scale, shift = _scale_shift(var, mean_c, eps, bn_weight, bn_bias)
@@ -440,7 +449,7 @@ class _ConvBNActRecompute(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         (src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, residual, conv_args, act_prev, act, eps,
-         backend, _) = inputs
+         backend, low, _) = inputs
         out, var, mean_c, center = output
         ctx.mark_non_differentiable(var, mean_c, center)
         # act'(z) needs z = yc * scale + shift + residual; without residual yc gives it.
@@ -450,8 +459,8 @@ class _ConvBNActRecompute(torch.autograd.Function):
             src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, var, mean_c, center,
             residual if keep_residual else None, out if keep_out else None,
         )
-        ctx.conv_args, ctx.act_prev, ctx.act, ctx.eps, ctx.backend = conv_args, act_prev, act, eps, backend
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        _save_conv(ctx, conv_args, act_prev, backend, low, bias)
+        ctx.act, ctx.eps = act, eps
         ctx.has_residual = residual is not None
 
     @staticmethod
@@ -462,7 +471,7 @@ class _ConvBNActRecompute(torch.autograd.Function):
         # The forward's a and yc again (the same ops on the same values, and the saved center).
         a = src if scale_prev is None else ops.bn_act(src, scale_prev, shift_prev, None, ctx.act_prev,
                                                        backend=ctx.backend)
-        yc = F.conv2d(a, weight, bias, *ctx.conv_args) - center.view(1, -1, 1, 1)
+        yc = F.conv2d(a, _cast(weight, ctx.low), _cast(bias, ctx.low), *ctx.conv_args) - center.view(1, -1, 1, 1)
         rstd, scale, shift = _scale_shift(var, mean_c, ctx.eps, bn_weight, bn_bias)
         need_res = ctx.has_residual and need[7]
         if out is not None:  # relu with a residual
@@ -487,7 +496,7 @@ class _ConvBNActRecompute(torch.autograd.Function):
         return grads + (
             None if grad_bn_weight is None else grad_bn_weight.to(bn_weight.dtype),
             None if grad_bn_bias is None else grad_bn_bias.to(bn_bias.dtype),
-            grad_res, None, None, None, None, None, None,
+            grad_res, None, None, None, None, None, None, None,
         )
 
 
@@ -501,7 +510,7 @@ def _train_unit(
         src, scale_prev, shift_prev, act_prev = x.yc, x.scale, x.shift, x.activation
     else:
         src, scale_prev, shift_prev, act_prev = _cast(x, low), None, None, "identity"
-    weight, bias = _cast(conv.weight, low), _cast(conv.bias, low)
+    weight, bias = conv.weight, conv.bias  # cast to low inside the units (:func:`_conv_backward`)
     conv_args = (tuple(conv.stride), tuple(conv_padding(conv)), tuple(conv.dilation), conv.groups)
     deferred = defer and residual is None and post is None
     n = _values_per_channel(src, weight, conv_args)
@@ -518,15 +527,15 @@ def _train_unit(
         residual = _cast(residual, src.dtype if low is not None else None)
         out, var, mean_c, center = _ConvBNActRecompute.apply(
             src, scale_prev, shift_prev, weight, bias, bn.weight, bn.bias, residual, conv_args, act_prev,
-            fused_act, bn.eps, backend, update,
+            fused_act, bn.eps, backend, low, update,
         )
         return out if post is None else post(out)
     if compiling:
         yc, var, mean_c, center = _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev,
-                                              backend)[1:]
+                                              backend, low)[1:]
     else:
         yc, var, mean_c, center = _ConvBatchStats.apply(
-            src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend
+            src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low
         )
     update(var, mean_c, center)
     _, scale, shift = _scale_shift(var, mean_c, bn.eps, bn.weight, bn.bias)
