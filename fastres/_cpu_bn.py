@@ -16,7 +16,9 @@ fp32 and fp64 (with ``scale`` of ``x``'s dtype), and bf16/fp16 without a
 residual and with ReLU or identity (where ``grad_z`` is ``grad`` or zero, so
 the kernels round each output once from fp32, like the reference); a bf16
 residual add or SiLU would round an intermediate in bf16, so they keep the
-reference. Not under tracing: graphs keep the reference's plain ops.
+reference. NCHW or channels_last inputs only (for any other strides the
+reference's output keeps them), and not under tracing: graphs keep the
+reference's plain ops.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def applies(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> b
     """Whether :func:`bn_act` and :func:`bn_act_backward` stand for the reference here."""
     if x.device.type != "cpu" or x.dim() != 4 or is_tracing():
         return False
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return False  # BatchNorm's output would be NCHW where the reference's keeps x's strides
     if x.dtype in (torch.float32, torch.float64):
         return scale.dtype == x.dtype
     return x.dtype in _LOW and scale.dtype == torch.float32 and residual is None and act != "silu"

@@ -154,6 +154,28 @@ def test_opcheck_backward_ops(backend):
     torch.library.opcheck(bwd, (g, x, scale, shift, None, "silu", False))
 
 
+@pytest.mark.parametrize("layout", ["sliced", "permuted", "channels_last_1x1"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_bn_act_torch_backend_any_strides(layout, act):
+    """The "torch" backend (BatchNorm's CPU kernels for NCHW/NHWC) gives the reference's
+    values and strides, forward and backward, for inputs of any strides."""
+    x = {
+        "sliced": torch.randn(2, 4, 10, 12, device=DEVICE)[:, :, ::2, 1:],
+        "permuted": torch.randn(2, 4, 5, 6, device=DEVICE).permute(0, 1, 3, 2),
+        "channels_last_1x1": torch.randn(3, 4, 1, 1, device=DEVICE).contiguous(memory_format=torch.channels_last),
+    }[layout]
+    scale, shift = _scale_shift(4)
+    _assert_same(ops.bn_act(x, scale, shift, None, act, backend="torch"), reference.bn_act(x, scale, shift, None, act))
+    g = torch.randn_like(x)
+    got = ops.bn_act_backward(g, x, scale, shift, None, act, False, True, backend="torch")
+    want = reference.bn_act_backward(g, x, scale, shift, None, act, False, True)
+    for a, b in zip(got, want):
+        if b.dim() == 4:
+            _assert_same(a, b)
+        else:  # grad_scale, grad_shift: sums
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_propagates_like_torch_relu(backend, dtype):
