@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import fastres
 import fastres.models as fm
 
 from test_nn import assert_close, randomize_bn  # noqa: E402
@@ -28,12 +29,12 @@ WORLD = 2
 STEPS = 3
 
 
-def tiny_model():
+def tiny_model(mode: str):
     """One block per stage; weights channels_last like the activations, so that
     the gradients' strides match DDP's buckets (docs/models.md)."""
     torch.manual_seed(0)
     model = randomize_bn(fm.ResNet(fm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5))
-    return model.to(memory_format=torch.channels_last)
+    return fastres.set_training_memory(model.to(memory_format=torch.channels_last), mode)
 
 
 def batches():
@@ -50,12 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, mode: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        model = nn.parallel.DistributedDataParallel(tiny_model())
+        model = nn.parallel.DistributedDataParallel(tiny_model(mode))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         for x, y in batches():
             half = slice(2 * rank, 2 * rank + 2)
@@ -67,8 +68,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _reference():
-    model = tiny_model()
+def _reference(mode: str):
+    model = tiny_model(mode)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, y in batches():
         opt.zero_grad()
@@ -87,12 +88,13 @@ def _reference():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_processes_match_one():
+@pytest.mark.parametrize("mode", ["low", "min"])
+def test_ddp_two_processes_match_one(mode):
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(_free_port(), out_dir, mode), nprocs=WORLD, join=True)
         states = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
-    expected = _reference()
-    params = {n for n, _ in tiny_model().named_parameters()}
+    expected = _reference(mode)
+    params = {n for n, _ in tiny_model(mode).named_parameters()}
     for k, v in expected.items():
         if k in params:
             for r in range(WORLD):
