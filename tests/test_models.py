@@ -230,7 +230,10 @@ def test_torch_compile_fullgraph(train):
     model = tiny().train(train)
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 32, 32)
+    # train: eager takes the batch statistics from BatchNorm's kernel, the compiled graph from
+    # torch.var_mean (fp32 roundings apart); at 64x64 layer4 normalizes over 8 values per
+    # channel (at 32x32, over 2: gradients then move by 5e-3 with the reduction order alone).
+    x = torch.randn(2, 3, 64, 64) if train else torch.randn(2, 3, 32, 32)
     out, expected = compiled(x), ref(x)
     assert_close(out, expected, 1e-5)
     if train:
