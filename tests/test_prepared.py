@@ -11,20 +11,9 @@ import fastres
 from fastres import _onednn
 from fastres.nn import ConvBNAct
 from conftest import DEVICE, kernel_backends
+from test_nn import randomize_bn
 
 CL = torch.channels_last
-
-
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.5, generator=g)
-                m.running_mean.normal_(0, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-    return model
 
 
 def max_rel_err(actual, expected):
