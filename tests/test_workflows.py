@@ -27,6 +27,7 @@ import torchvision.models as tvm  # noqa: E402
 
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
+from benchmarks.bench_models import _cuda_graph  # noqa: E402
 from test_nn import Counter, assert_close, randomize_bn  # noqa: E402
 
 SHAPE = (1, 3, 64, 64)
@@ -175,18 +176,8 @@ def test_gpu_inference_mode_resnet50(tool):
         elif tool == "export":
             out = torch.export.export(fr, (x,)).module()(x)
         else:
-            static_x = x.clone()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fr(static_x)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = fr(static_x)
-            static_x.copy_(x)
-            g.replay()
+            replay, _ = _cuda_graph(fr, x)
+            out = replay()
         # fp32 on the GPU: TF32 convolutions in both models
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
