@@ -34,7 +34,7 @@ _LOW = (torch.bfloat16, torch.float16)
 
 def applies(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> bool:
     """Whether :func:`bn_act` and :func:`bn_act_backward` stand for the reference here."""
-    if x.device.type != "cpu" or x.dim() != 4 or is_tracing():
+    if x.device.type != "cpu" or is_tracing():
         return False
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return False  # BatchNorm's output would be NCHW where the reference's keeps x's strides
@@ -43,10 +43,15 @@ def applies(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> b
     return x.dtype in _LOW and scale.dtype == torch.float32 and residual is None and act != "silu"
 
 
-def _pre_activation(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]) -> Tensor:
-    """``x * scale[c] + shift[c] (+ residual)`` in ``x``'s dtype and memory format."""
+def _unit_stats(scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """The running mean 0 and variance 1 that make BatchNorm's ``weight`` and ``bias`` the scale and shift."""
     c = scale.shape[0]
-    z = torch.batch_norm(x, scale, shift, scale.new_zeros(c), scale.new_ones(c), False, 0.0, 0.0, False)
+    return scale.new_zeros(c), scale.new_ones(c)
+
+
+def _pre_activation(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], stats) -> Tensor:
+    """``x * scale[c] + shift[c] (+ residual)`` in ``x``'s dtype and memory format."""
+    z = torch.batch_norm(x, scale, shift, *stats, False, 0.0, 0.0, False)
     return z if residual is None else z.add_(residual)
 
 
@@ -60,7 +65,7 @@ def _activate_(z: Tensor, act: str) -> Tensor:
 
 def bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
     """:func:`fastres.reference.bn_act`."""
-    return _activate_(_pre_activation(x, scale, shift, residual), act)
+    return _activate_(_pre_activation(x, scale, shift, residual, _unit_stats(scale)), act)
 
 
 def bn_act_backward(
@@ -68,16 +73,16 @@ def bn_act_backward(
     residual_grad: bool, output: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`fastres.reference.bn_act_backward`."""
-    z = _pre_activation(x, scale, shift, residual)
+    stats = _unit_stats(scale)
+    z = _pre_activation(x, scale, shift, residual, stats)
     if act == "silu":
         gz = torch.ops.aten.silu_backward(grad, z)
         y = _activate_(z, act) if output else None
     else:
         y = _activate_(z, act)
         gz = torch.ops.aten.threshold_backward(grad, y, 0) if act == "relu" else grad
-    c = scale.shape[0]
     grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
-        gz, x, scale, scale.new_zeros(c), scale.new_ones(c), None, None, False, 0.0, [True, True, True]
+        gz, x, scale, *stats, None, None, False, 0.0, [True, True, True]
     )
     empty = x.new_empty(0)
     return (
