@@ -391,8 +391,8 @@ def _batch_var_mean(t: Tensor) -> Tuple[Tensor, Tensor]:
 
     Outside autograd (inside the units' autograd functions) this is
     ``torch.batch_norm_update_stats``, BatchNorm's own statistics kernel (one
-    pass, any memory format; on the CPU 5-7x faster than ``var_mean`` over
-    ``(0, 2, 3)``); given running buffers of the compute dtype it returns the
+    pass, any memory format; on the CPU several times faster than ``var_mean``
+    over ``(0, 2, 3)``); given running buffers of the compute dtype it returns the
     statistics in that dtype, also for a bf16/fp16 ``t``, and with momentum 0
     leaves the buffers as they are. Under ``torch.compile`` (where the units
     run as plain differentiable ops) it is ``torch.var_mean``, which the
