@@ -37,7 +37,7 @@ Environment:
 CUTLASS: the fused convolution ``conv_bn_act_cuda`` (``csrc/cuda/conv_*``) is
 built from CUTLASS's header-only templates. Without CUTLASS headers the build
 still succeeds, says why, and leaves those sources and the op's schema out, so
-``fastres.ops.implemented_backends("conv_bn_act")`` has no ``"cuda"``.
+``fastres.backends.implemented_backends("conv_bn_act")`` has no ``"cuda"``.
 
 Layout of ``csrc/`` the build relies on: ``csrc/bindings.cpp`` declares every
 schema; ``csrc/cuda/`` holds CUDA-only sources (``.cu``, and ``.cpp`` host code

@@ -98,14 +98,14 @@ def eval_backends(device: torch.device) -> List[str]:
     """fastres backends that can run a whole eval model here (they must implement conv_bn_act)."""
     from fastres import backends, ops
 
-    return backends.usable_backends(device, ops.implemented_backends("conv_bn_act"))
+    return backends.usable_backends(device, backends.implemented_backends("conv_bn_act"))
 
 
 def train_backends(device: torch.device) -> List[str]:
     """fastres backends for training (batch-statistics BN runs F.conv2d, then bn_act)."""
     from fastres import backends, ops
 
-    return backends.usable_backends(device, ops.implemented_backends("bn_act"))
+    return backends.usable_backends(device, backends.implemented_backends("bn_act"))
 
 
 def _other16(dtype: torch.dtype) -> Optional[torch.dtype]:

@@ -201,7 +201,7 @@ def kernel_backends(op: str, device: torch.device) -> List[str]:
 
     if device.type != "cuda":
         return ["torch"]
-    return backends.usable_backends(device, ops.implemented_backends(op))
+    return backends.usable_backends(device, backends.implemented_backends(op))
 
 
 def _act(y: torch.Tensor, activation: str) -> torch.Tensor:

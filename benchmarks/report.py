@@ -388,7 +388,9 @@ def _env_lines(result: dict) -> List[str]:
 def _tune_sections(result: dict) -> List[str]:
     """Per model row of a ``backend=None`` provider: the backend that ran each conv shape, how it was
     chosen, the measured ms per candidate and the tuning time (``fastres.tune``)."""
-    from fastres._tune import CANDIDATES
+    from fastres.backends import tune_names
+
+    names = tune_names()
 
     rows = [r for r in result.get("rows", []) if r.get("conv_choices")]
     if not rows:
@@ -399,11 +401,11 @@ def _tune_sections(result: dict) -> List[str]:
     for r in rows:
         lines += [f"### {r['arch']} N={r['batch']} {r['dtype']} {r['provider']}: {r.get('conv_backends')}, "
                   f"tuning {r.get('tune_s', 0.0):.1f} s of a {r.get('first_call_s', 0.0):.1f} s first call", "",
-                  "| conv | backend | how | " + " | ".join(f"{c} ms" for c in CANDIDATES) + " | tuning ms |",
-                  "|---|---|---|" + "---|" * (len(CANDIDATES) + 1)]
+                  "| conv | backend | how | " + " | ".join(f"{c} ms" for c in names) + " | tuning ms |",
+                  "|---|---|---|" + "---|" * (len(names) + 1)]
         for key, e in sorted(r["conv_choices"].items()):
             cells = []
-            for c in CANDIDATES:
+            for c in names:
                 ms, first = e.get("ms", {}).get(c), e.get("first_ms", {}).get(c)
                 cells.append("-" if ms is None else f"{ms:.4f} ({first:.1f})")
             tune_ms = f"{e['tune_ms']:.0f}" if e.get("how") == "measured" else "-"

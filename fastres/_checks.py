@@ -9,8 +9,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from fastres import _conv
+
 ACTIVATIONS = ("relu", "silu", "identity")
-BACKENDS = ("torch", "triton", "cuda", "cudnn")
 # float64 is accepted everywhere so that gradcheck can run on every backend.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = "float32, float16, bfloat16 (or float64)"
@@ -21,14 +22,6 @@ def check_activation(op: str, activation) -> None:
         raise ValueError(
             f"{op}: unknown activation {activation!r}; expected one of "
             + ", ".join(repr(a) for a in ACTIVATIONS)
-        )
-
-
-def check_backend_name(op: str, backend) -> None:
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(
-            f"{op}: unknown backend {backend!r}; expected None (best available) or one of "
-            + ", ".join(repr(b) for b in BACKENDS)
         )
 
 
@@ -105,3 +98,48 @@ def pair(op: str, name: str, v) -> tuple:
     ):
         raise ValueError(f"{op}: expected `{name}` to be an int or a pair of ints, got {v!r}")
     return tuple(v)
+
+
+def check_add_act(op: str, x, residual, activation) -> None:
+    check_input(op, "x", x)
+    check_like(op, "residual", residual, x)
+    check_activation(op, activation)
+
+
+def check_bn_act(op: str, x, scale, shift, residual, activation) -> None:
+    check_input(op, "x", x, ndim=4)
+    check_channel_vector(op, "scale", scale, x, x.shape[1])
+    check_channel_vector(op, "shift", shift, x, x.shape[1])
+    if residual is not None:
+        check_like(op, "residual", residual, x)
+    check_activation(op, activation)
+
+
+def check_conv_bn_act(op: str, x, weight, scale, shift, residual, stride, padding, dilation, groups, activation):
+    """Validates a ``conv_bn_act`` call; returns the normalized ``(stride, padding, dilation)``."""
+    check_input(op, "x", x, ndim=4)
+    check_input(op, "weight", weight, ndim=4)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"{op}: expected `weight` to have the dtype of `x`, {x.dtype}, got {weight.dtype}")
+    check_device(op, "weight", weight, x)
+    stride, padding, dilation = (pair(op, n, v) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"{op}: expected stride >= 1, padding >= 0 and dilation >= 1, got "
+            f"stride={stride}, padding={padding}, dilation={dilation}"
+        )
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: expected `groups` to be a positive int, got {groups!r}")
+    why = _conv.mismatch(x, weight, stride, padding, dilation, groups)
+    if why is not None:
+        raise ValueError(f"{op}: {why}")
+    check_channel_vector(op, "scale", scale, x, weight.shape[0])
+    check_channel_vector(op, "shift", shift, x, weight.shape[0])
+    if residual is not None:
+        check_input(op, "residual", residual)
+        why = _conv.residual_mismatch(residual, x, weight, stride, padding, dilation)
+        if why is not None:
+            raise ValueError(f"{op}: {why}")
+        check_device(op, "residual", residual, x)
+    check_activation(op, activation)
+    return stride, padding, dilation

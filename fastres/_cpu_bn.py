@@ -32,15 +32,19 @@ from fastres._tracing import is_tracing
 _LOW = (torch.bfloat16, torch.float16)
 
 
-def applies(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> bool:
-    """Whether :func:`bn_act` and :func:`bn_act_backward` stand for the reference here."""
-    if x.device.type != "cpu" or is_tracing():
-        return False
+def unsupported_reason(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> Optional[str]:
+    """Why :func:`bn_act` and :func:`bn_act_backward` do not stand for the reference here, or None."""
+    if x.device.type != "cpu":
+        return "BatchNorm's CPU kernels need CPU tensors"
+    if is_tracing():
+        return "traced graphs keep the reference's plain ops"
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        return False  # BatchNorm's output would be NCHW where the reference's keeps x's strides
+        return "BatchNorm's output would be NCHW where the reference's keeps x's strides"
     if x.dtype in (torch.float32, torch.float64):
-        return scale.dtype == x.dtype
-    return x.dtype in _LOW and scale.dtype == torch.float32 and residual is None and act != "silu"
+        return None if scale.dtype == x.dtype else "scale's dtype differs from x's"
+    if x.dtype in _LOW and scale.dtype == torch.float32 and residual is None and act != "silu":
+        return None
+    return "a bf16/fp16 residual add or SiLU would round an intermediate"
 
 
 def _unit_stats(scale: Tensor) -> Tuple[Tensor, Tensor]:
@@ -70,7 +74,7 @@ def bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], 
 
 def bn_act_backward(
     grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str,
-    residual_grad: bool, output: bool,
+    residual_grad: bool, output: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`fastres.reference.bn_act_backward`."""
     stats = _unit_stats(scale)

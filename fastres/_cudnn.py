@@ -13,11 +13,12 @@ backend", says how far they move bf16 results). ``torch.cudnn_convolution_add_re
 w, z, alpha, b, ...)`` computes ``relu(conv(x, w) + alpha * z + b)``; alpha is 1.
 
 Every other epilogue (silu, identity, and fp64, which the fused cuDNN graph does
-not take) runs PyTorch's convolution (cuDNN on a GPU) followed by the fused
-``bn_act`` kernel: two passes, no folding, the reference's math.
+not take) runs on the ``"stock"`` backend: PyTorch's convolution (cuDNN on a GPU)
+followed by the fused ``bn_act`` kernel, two passes, no folding, the reference's
+math (``fastres/_backends/cudnn_backend.py``).
 
-Folding is :func:`fold_bn`, one function, so that a per-module cache of prepared
-weights can compute ``(w', b')`` once and call :func:`conv_bias_relu` directly.
+Folding is :func:`fold_bn`, the backend's prepared form: a module computes
+``(w', b')`` once and calls :func:`conv_bias_relu` with it.
 ``fastres::conv_bias_relu_cudnn`` is a custom op (fake kernel, autograd), so
 ``torch.compile`` treats it as one opaque call and gradients flow through the
 folding to ``weight``, ``scale`` and ``shift``. On CPU tensors the op computes
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastres import _layout, reference
+from fastres import _conv, reference
 
 # Epilogues cuDNN's fused convolution computes (activation, and the residual either way).
 FUSED_ACTIVATIONS = ("relu",)
@@ -67,7 +68,7 @@ def conv_bias_relu_cudnn(
     stride: List[int], padding: List[int], dilation: List[int], groups: int,
 ) -> Tensor:
     """``relu(conv2d(x, weight) + bias[k] (+ residual))``: cuDNN's fused convolution on CUDA."""
-    fmt = torch.channels_last if _layout.conv_out_channels_last(x, weight) else torch.contiguous_format
+    fmt = _conv.out_format(x, weight)
     if x.is_cuda:
         if residual is None:
             y = torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
@@ -84,10 +85,7 @@ def conv_bias_relu_cudnn(
 
 @conv_bias_relu_cudnn.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups):
-    h, w = (_layout.conv_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-            for i in range(2))
-    fmt = torch.channels_last if _layout.conv_out_channels_last(x, weight) else torch.contiguous_format
-    return x.new_empty((x.shape[0], weight.shape[0], h, w)).contiguous(memory_format=fmt)
+    return _conv.empty_output(x, weight, stride, padding, dilation)
 
 
 def _setup(ctx, inputs, output):
@@ -105,9 +103,7 @@ def _backward(ctx, grad):
     gz = torch.ops.aten.threshold_backward(grad, y, 0)
     gx = gw = None
     if need[0] or need[1]:
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            gz, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need[0], need[1], False],
-        )
+        gx, gw, _ = _conv.backward(gz, x, weight, None, stride, padding, dilation, groups, [need[0], need[1], False])
     gb = gz.sum((0, 2, 3), dtype=reference.compute_dtype(gz.dtype)).to(weight.dtype) if need[2] else None
     gr = gz if ctx.has_residual and need[3] else None
     return gx, gw, gb, gr, None, None, None, None
@@ -122,36 +118,3 @@ def conv_bias_relu(
 ) -> Tensor:
     """``relu(conv2d(x, weight) + bias (+ residual))`` with prepared (folded) ``weight`` and ``bias``."""
     return conv_bias_relu_cudnn(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups)
-
-
-def conv_then_bn_act(
-    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
-    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, act: str,
-) -> Tensor:
-    """PyTorch's convolution, then the fused ``bn_act`` epilogue (best available backend): two passes."""
-    from fastres import ops
-
-    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    return ops.bn_act(y, scale, shift, residual, act)
-
-
-def conv_bn_act(
-    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
-    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, act: str,
-) -> Tensor:
-    """The ``"cudnn"`` backend: one fused cuDNN call where cuDNN has the epilogue, else conv + ``bn_act``."""
-    if fused_form(x.dtype, act):
-        w, b = fold_bn(weight, scale, shift)
-        return conv_bias_relu(x, w, b, residual, stride, padding, dilation, groups)
-    return conv_then_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, act)
-
-
-def unavailable_reason(device: torch.device) -> Optional[str]:
-    """Why the ``"cudnn"`` backend cannot run on ``device``, or None if it can."""
-    if device.type != "cuda":
-        return f"the cudnn backend needs CUDA tensors, got {device.type} tensors"
-    if not torch.backends.cudnn.is_available():
-        return "this PyTorch build has no cuDNN (torch.backends.cudnn.is_available() is False)"
-    if not torch.backends.cudnn.enabled:
-        return "cuDNN is disabled (torch.backends.cudnn.enabled is False)"
-    return None

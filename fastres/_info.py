@@ -11,21 +11,19 @@ from typing import Any, Dict
 
 import torch
 
-from fastres import _extension, backends
+from fastres import _extension, _triton_env, _version, backends
 
 
 def info() -> Dict[str, Any]:
     """Versions, build and the backends usable now on the default device."""
-    import fastres
-
     device = backends.default_device()
     availability = backends.summary()
     return {
-        "version": fastres.__version__,
+        "version": _version.__version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": backends.TRITON_VERSION,
-        "triton_interpret": backends.triton_interpret(),
+        "triton": _triton_env.VERSION,
+        "triton_interpret": _triton_env.interpret(),
         "cuda_ext": _extension.LOADED,
         "cuda_ext_error": _extension.LOAD_ERROR,
         "cuda_kernels": _extension.has_cuda_kernels(),

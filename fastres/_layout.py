@@ -54,6 +54,3 @@ def conv_out_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """
     return suggests_channels_last(x) or suggests_channels_last(weight)
 
-
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1

@@ -15,8 +15,9 @@ output (once, from oneDNN's fp32 accumulator with the post-ops applied to it).
 
 :func:`prepare` makes that weight (and prepacks it into oneDNN's blocked
 layout for channels_last outputs); ``fastres.nn`` modules cache it per conv
-(``fastres/nn/_fuse.py``, ``PreparedCache``), the functional
-``fastres.ops.conv_bn_act`` prepares per call. :func:`run` is the call.
+(``fastres/nn/_prepared.py``), the functional ``fastres.ops.conv_bn_act``
+prepares per call. :func:`run` is the call. The ``"torch"`` backend registers
+this path with its conditions (``fastres/_backends/torch_backend.py``).
 
 Compute dtype: fp32 for fp32; bf16 and fp16 natively where oneDNN supports
 them on this CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` /
@@ -72,22 +73,23 @@ def compute_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
     return _COMPUTE.get(dtype)
 
 
-def usable(x: Tensor, residual: Optional[Tensor], act: str) -> bool:
-    """Whether this path can compute ``conv_bn_act`` for ``x`` (device, dtype, post-ops, not tracing);
-    the caller also checks that no gradient is needed."""
+def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                       act: str) -> Optional[str]:
+    """Why this path does not compute ``conv_bn_act`` for these inputs, or None."""
     if type(x) is not Tensor or x.device.type != "cpu" or x.dtype not in _COMPUTE:
-        return False
+        return "oneDNN's fused conv takes plain CPU tensors of fp32, bf16 or fp16"
+    if x.shape[0] == 0:
+        return "an empty batch"
     if residual is not None and act not in _POST_BINARY_OP:
-        return False
-    return not is_tracing()
-
-
-def applies(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str) -> bool:
-    """Whether this path computes ``conv_bn_act`` for these inputs."""
-    if not usable(x, residual, act):
-        return False
-    tensors = (x, weight, scale, shift) if residual is None else (x, weight, scale, shift, residual)
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        return f"oneDNN's binding has no {act} after a residual add"
+    if is_tracing():
+        return "its ops have no fake kernel, TorchScript or ONNX form"
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or scale.requires_grad or shift.requires_grad
+        or (residual is not None and residual.requires_grad)
+    ):
+        return "its ops have no autograd formula"
+    return None
 
 
 class Prepared(NamedTuple):

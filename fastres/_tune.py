@@ -1,13 +1,15 @@
 """Per-shape backend choice for ``fastres.ops.conv_bn_act(backend=None)`` on CUDA.
 
-The candidates are the fused kernels ``"cuda"`` and ``"triton"``, ``"cudnn"``
-(cuDNN's fused convolution with the BN folded in, ``fastres._cudnn``; only for
-the epilogues cuDNN fuses) and ``"stock"`` (PyTorch's convolution, then the
-fused ``bn_act`` kernel). The first call of a shape times every usable
-candidate on its own inputs (each candidate's first call, which includes
-Triton's autotuning and cuDNN's algorithm search, and then the median of a few
-steady-state calls) and runs the fastest from then on. Choices are remembered
-per key
+The candidates are the registry's tunable backends (``fastres.backends``): the
+fused kernels ``"cuda"`` and ``"triton"``, ``"cudnn"`` (cuDNN's fused convolution
+with the BN folded in; only for the epilogues cuDNN fuses) and ``"stock"``
+(PyTorch's convolution, then the fused ``bn_act`` kernel). The first call of a
+shape times every usable candidate on its own inputs (each candidate's first
+call, which includes Triton's autotuning and cuDNN's algorithm search, and then
+the median of a few steady-state calls), checks each one's output against the
+reference (:func:`check_output`: a candidate that raises, or differs from it, is
+disqualified for that key and warned about once) and runs the fastest of those
+left from then on. Choices are remembered per key
 
     (device name, dtype, layout, conv geometry, batch bucket, epilogue)
 
@@ -16,11 +18,11 @@ versions (torch, CUDA, cuDNN, triton, fastres, the NVIDIA driver): a file
 written by other versions is ignored and replaced, so new versions re-measure.
 
 * ``FASTRES_AUTOTUNE=0``: nothing is measured; known choices (memory, file)
-  still apply, else the static rule :data:`STATIC_ORDER` (the first usable).
+  still apply, else the static rule (the first usable by the backends' static rank).
 * ``FASTRES_TUNE_CACHE``: the file's path (default
   ``$XDG_CACHE_HOME/fastres/tune.json``, ``~/.cache`` without it).
 * ``FASTRES_TUNE_BUDGET_S`` (default 10): the bound on a first call. Candidates
-  are timed in :data:`MEASURE_ORDER`; once the time spent on a key exceeds the
+  are timed in the registry's measuring order (cheap first calls first); once the time spent on a key exceeds the
   budget, the rest are not tried, so a first call lasts at most the budget
   plus one candidate's measurement.
 * ``fastres.set_backend(model, name)`` / ``backend=name`` bypass all of this.
@@ -54,15 +56,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastres import _cudnn, _extension, _layout, backends
+from fastres import _layout, _triton_env, _version, backends, reference
 
-CANDIDATES = ("cuda", "triton", "cudnn", "stock")
-# Without a measurement: cuDNN's fused conv first (the stock model's own conv with the BN and
-# activation passes fused away, so never slower than stock), then the fused kernels, then stock.
-STATIC_ORDER = ("cudnn", "cuda", "triton", "stock")
-# Measuring: the candidates with a cheap first call first, Triton (autotuning) last.
-MEASURE_ORDER = ("cudnn", "stock", "cuda", "triton")
-# Device types whose backend=None choice is measured (the tests add "cpu").
+# Device types whose backend=None choice is measured.
 TUNED_DEVICE_TYPES = ("cuda",)
 FORMAT, VERSION = "fastres-tune", 1
 REPS = 5  # steady-state calls timed per candidate
@@ -73,6 +69,7 @@ _TABLE: Dict[str, dict] = {}  # key string -> entry, for this process's library 
 _USED: Dict[str, dict] = {}  # key string -> {"choice", "how"}: what backend=None ran (see used())
 _MEMO: Dict[tuple, tuple] = {}  # call signature -> (key, candidates), see _key_and_candidates
 _STATE = {"loaded": False, "writable": True}
+_WARNED: set = set()  # (backend, key) pairs whose disqualification was warned about
 
 
 # ----------------------------------------------------------------------------
@@ -116,12 +113,10 @@ def _driver_version() -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def versions() -> Dict[str, Optional[str]]:
     """The library versions a measured table is valid for."""
-    import fastres
-
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None if cudnn is None else str(cudnn),
-        "triton": backends.TRITON_VERSION, "fastres": fastres.__version__, "driver": _driver_version(),
+        "triton": _triton_env.VERSION, "fastres": _version.__version__, "driver": _driver_version(),
     }
 
 
@@ -160,35 +155,20 @@ def conv_key(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Ten
                      f"n{batch_bucket(x.shape[0])}", epilogue))
 
 
-def candidates(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
-               dilation: Sequence[int], groups: int, activation: str,
-               implemented: Sequence[str]) -> Tuple[str, ...]:
-    """The usable candidates for this call, in :data:`MEASURE_ORDER`."""
-    available = _available(str(x.device), tuple(implemented))
-    out = []
-    for name in MEASURE_ORDER:
-        if name == "stock":
-            out.append(name)
-        elif name in available:
-            if name == "cudnn" and not _cudnn.fused_form(x.dtype, activation):
-                continue  # without a fused form the cudnn backend *is* the stock candidate
-            if name == "cuda" and _extension.cuda_conv_unsupported_reason(
-                    x, weight, stride, padding, dilation, groups) is not None:
-                continue
-            out.append(name)
-    return tuple(out)
+def candidates(args: Sequence) -> Tuple[str, ...]:
+    """The usable candidates for this ``conv_bn_act`` call (validated ``args``), in measuring order."""
+    return tuple(name for name in _available(str(args[0].device)) if backends.tune_takes(name, args))
 
 
 @torch.compiler.assume_constant_result  # a constant of the trace under torch.compile
-def _available(device: str, implemented: Tuple[str, ...]) -> Tuple[str, ...]:
-    """The backends among ``implemented`` that can run on ``device`` (any shape)."""
-    dev = torch.device(device)
-    return tuple(b for b in implemented if backends.unavailable_reason(b, dev) is None)
+def _available(device: str) -> Tuple[str, ...]:
+    """The tunable backends that can run on ``device`` (any shape)."""
+    return backends.tune_available(torch.device(device))
 
 
 def static_choice(usable: Sequence[str]) -> str:
-    """The static rule: the first of :data:`STATIC_ORDER` among ``usable``."""
-    return next(b for b in STATIC_ORDER if b in usable)
+    """The static rule: the first of ``usable`` by the backends' static rank."""
+    return backends.tune_static_choice(usable)
 
 
 # ----------------------------------------------------------------------------
@@ -197,8 +177,9 @@ def static_choice(usable: Sequence[str]) -> str:
 
 
 def _valid_entry(e) -> bool:
-    return (isinstance(e, dict) and e.get("choice") in CANDIDATES and isinstance(e.get("ms"), dict)
-            and all(k in CANDIDATES and isinstance(v, (int, float)) for k, v in e["ms"].items()))
+    names = backends.tune_names()
+    return (isinstance(e, dict) and e.get("choice") in names and isinstance(e.get("ms"), dict)
+            and all(k in names and isinstance(v, (int, float)) for k, v in e["ms"].items()))
 
 
 def _read_file() -> Optional[dict]:
@@ -286,6 +267,7 @@ def clear(file: bool = True) -> None:
         _TABLE.clear()
         _USED.clear()
         _MEMO.clear()
+        _WARNED.clear()
         _STATE["loaded"] = False
         _STATE["writable"] = True
     if file:
@@ -306,7 +288,7 @@ def _sync(device: torch.device) -> None:
 
 def _timer(name: str, fn: Callable[[], object], device: torch.device) -> Tuple[float, float]:
     """(first call ms, median steady-state ms) of candidate ``name``'s ``fn`` on ``device``
-    (CUDA events on a GPU). The tests replace it with a fake timer."""
+    (CUDA events on a GPU)."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -328,10 +310,55 @@ def _timer(name: str, fn: Callable[[], object], device: torch.device) -> Tuple[f
     return first, statistics.median(times)
 
 
-def measure(key: str, usable: Sequence[str], run: Callable[[str], object], device: torch.device) -> dict:
-    """Time each of ``usable`` (``run(name)`` computes the call with that candidate) and remember the fastest."""
+# Largest error of a candidate against the reference, relative to the reference's largest
+# magnitude: TF32 or a low-precision rounding of the folded weight stay well inside, a wrong
+# kernel (a bad index, a missing epilogue term) is far outside.
+CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def check_output(out, expected: torch.Tensor) -> Optional[str]:
+    """Why candidate output ``out`` is not the reference's ``expected``, or None.
+
+    Disqualifying: not a tensor of ``expected``'s shape and dtype; non-finite where the
+    reference is finite; ``max|out - expected| > tol * max|expected|`` (fp32 math,
+    :data:`CHECK_TOLERANCE` per dtype).
+    """
+    if not isinstance(out, torch.Tensor) or out.shape != expected.shape or out.dtype != expected.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        return f"returned {got}, expected a {tuple(expected.shape)} {expected.dtype} tensor"
+    ct = reference.compute_dtype(out.dtype)
+    tol = CHECK_TOLERANCE[out.dtype]
+    out, expected = out.to(ct), expected.to(ct)
+    finite = torch.isfinite(expected)
+    if bool((finite & ~torch.isfinite(out)).any()):
+        return "non-finite values where the reference is finite"
+    if not bool(finite.any()):
+        return None
+    scale = float(expected[finite].abs().max())
+    error = float((out - expected)[finite].abs().max())
+    if error > tol * max(scale, torch.finfo(ct).tiny):
+        return f"max |error| {error:.3g} exceeds {tol:g} x max |reference| {scale:.3g}"
+    return None
+
+
+def _disqualify(key: str, name: str, why: str, disqualified: Dict[str, str]) -> None:
+    disqualified[name] = why[:300]
+    with _LOCK:
+        new = (name, key) not in _WARNED
+        _WARNED.add((name, key))
+    if new:
+        warnings.warn(f"fastres.tune: backend {name!r} disqualified for {key}: {why}", RuntimeWarning,
+                      stacklevel=5)
+
+
+def measure(key: str, usable: Sequence[str], run: Callable[[str], object], device: torch.device,
+            trusted: Optional[Callable[[], torch.Tensor]]) -> dict:
+    """Time each of ``usable`` (``run(name)`` computes the call with that candidate), check its
+    output against ``trusted()`` (the reference's result; None checks nothing: timings alone)
+    and remember the fastest candidate that passed."""
     _ensure_loaded()
-    spent, ms, first_ms, skipped = 0.0, {}, {}, {}
+    spent, ms, first_ms, skipped, disqualified = 0.0, {}, {}, {}, {}
+    expected = None
     with torch.no_grad():
         for name in usable:
             if spent > budget_ms():
@@ -339,15 +366,24 @@ def measure(key: str, usable: Sequence[str], run: Callable[[str], object], devic
                 continue
             try:
                 first, steady = _timer(name, lambda: run(name), device)
-            except Exception as e:  # noqa: BLE001 - a candidate failing here is skipped, not fatal
-                skipped[name] = f"{type(e).__name__}: {e}"[:200]
+                why = None
+                if trusted is not None:
+                    expected = trusted() if expected is None else expected
+                    why = check_output(run(name), expected)
+            except Exception as e:  # noqa: BLE001 - a candidate failing here is disqualified, not fatal
+                why = f"{type(e).__name__}: {e}"
+            if why is not None:
+                _disqualify(key, name, why, disqualified)
                 continue
             first_ms[name], ms[name] = round(first, 4), round(steady, 4)
             spent += first + REPS * steady
-    choice = min(ms, key=ms.get) if ms else static_choice(usable)
+    passed = [n for n in usable if n not in disqualified] or list(usable)
+    choice = min(ms, key=ms.get) if ms else static_choice(passed)
     entry = {"choice": choice, "ms": ms, "first_ms": first_ms, "tune_ms": round(spent, 3)}
     if skipped:
         entry["skipped"] = skipped
+    if disqualified:
+        entry["disqualified"] = disqualified
     with _LOCK:
         _TABLE[key] = entry
     _write_file()
@@ -358,16 +394,16 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _key_and_candidates(x, weight, residual, stride, padding, dilation, groups, activation, implemented):
+def _key_and_candidates(args):
     """``conv_key`` and ``candidates``, memoized on everything they read (tens of microseconds
     of Python per conv call otherwise)."""
+    x, weight, _, _, residual, stride, padding, dilation, groups, activation = args
     memo = (x.device, x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), residual is None,
-            tuple(stride), tuple(padding), tuple(dilation), groups, activation, tuple(implemented),
-            torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32, os.environ.get("TRITON_INTERPRET"))
+            tuple(stride), tuple(padding), tuple(dilation), groups, activation,
+            torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32, _triton_env.interpret())
     found = _MEMO.get(memo)
     if found is None:
-        found = (conv_key(x, weight, residual, stride, padding, dilation, groups, activation),
-                 candidates(x, weight, stride, padding, dilation, groups, activation, implemented))
+        found = (conv_key(x, weight, residual, stride, padding, dilation, groups, activation), candidates(args))
         with _LOCK:
             if len(_MEMO) >= 4096:  # many shapes (varying image sizes): start over
                 _MEMO.clear()
@@ -402,17 +438,16 @@ def _constant_choice(key: str, usable: Tuple[str, ...]) -> str:
     return _record(key, static_choice(usable), "static")
 
 
-def conv_backend(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], stride: Sequence[int],
-                 padding: Sequence[int], dilation: Sequence[int], groups: int, activation: str,
-                 implemented: Sequence[str], run: Callable[[str], object]) -> str:
-    """The candidate that runs this ``conv_bn_act`` call (measuring it first if it is new)."""
+def conv_backend(args: Sequence, run: Callable[[str], object]) -> str:
+    """The candidate that runs this ``conv_bn_act`` call (validated ``args``), measuring it first
+    if it is new; ``run(name)`` computes the call with candidate ``name``."""
+    x, weight, _, _, residual, stride, padding, dilation, groups, activation = args
     if torch.compiler.is_compiling():
-        usable = candidates(x, weight, stride, padding, dilation, groups, activation, implemented)
-        return _constant_choice(conv_key(x, weight, residual, stride, padding, dilation, groups, activation), usable)
+        key = conv_key(x, weight, residual, stride, padding, dilation, groups, activation)
+        return _constant_choice(key, candidates(args))
     if torch.jit.is_tracing():  # shapes are traced values here: the static rule
-        return static_choice(candidates(x, weight, stride, padding, dilation, groups, activation, implemented))
-    key, usable = _key_and_candidates(x, weight, residual, stride, padding, dilation, groups, activation,
-                                      implemented)
+        return static_choice(candidates(args))
+    key, usable = _key_and_candidates(args)
     entry = lookup(key)
     if entry is not None and entry["choice"] in usable:
         return _record(key, entry["choice"], "known")
@@ -421,7 +456,7 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch
     with _MEASURE_LOCK:
         entry = lookup(key)  # another thread may have measured it meanwhile
         if entry is None or entry["choice"] not in usable:
-            entry = measure(key, usable, run, x.device)
+            entry = measure(key, usable, run, x.device, lambda: reference.conv_bn_act(*args))
     return _record(key, entry["choice"], "measured")
 
 
@@ -434,14 +469,17 @@ def format_table(entries: Dict[str, dict]) -> str:
     """One line per key: the choice and each candidate's steady-state (first-call) ms."""
     if not entries:
         return "(no measured choices)"
-    rows = [("key", "choice", *CANDIDATES, "tune ms")]
+    names = backends.tune_names()
+    rows = [("key", "choice", *names, "tune ms")]
     for key in sorted(entries):
         e = entries[key]
         cells = []
-        for c in CANDIDATES:
+        for c in names:
             if c in e["ms"]:
                 first = e.get("first_ms", {}).get(c)
                 cells.append(f"{e['ms'][c]:.4f}" + (f" ({first:.1f})" if first is not None else ""))
+            elif c in e.get("disqualified", {}):
+                cells.append("disqualified")
             else:
                 cells.append("skipped" if c in e.get("skipped", {}) else "-")
         rows.append((key, e["choice"], *cells, f"{e.get('tune_ms', 0.0):.1f}"))
@@ -468,8 +506,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"cache: {path}")
         print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
         print("autotune: " + ("on" if autotune_enabled() else "off (FASTRES_AUTOTUNE=0)"))
-        print("columns: ms per call, steady state (first call); 'skipped': see the file's 'skipped'")
-        print(format_table(choices()))
+        print("columns: ms per call, steady state (first call); 'skipped', 'disqualified': the reasons follow")
+        table = choices()
+        print(format_table(table))
+        for key in sorted(table):
+            for how in ("disqualified", "skipped"):
+                for name, why in table[key].get(how, {}).items():
+                    print(f"{how}: {name} for {key}: {why}")
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 
-from fastres._layout import conv_out_size
+from fastres._conv import out_size as conv_out_size
 
 
 @dataclass(frozen=True)

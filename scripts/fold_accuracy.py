@@ -5,7 +5,7 @@
 For each model (seeded random weights, BN statistics from three train-mode
 batches), the logits' error against torchvision fp32, relative to max|logits|:
 
-* torchvision run in ``dtype`` (the issue's yardstick: fastres may be at most 1.5x this);
+* torchvision run in ``dtype`` (the accuracy rule's yardstick: fastres may be at most 1.5x this);
 * fastres ``backend="cudnn"`` in ``dtype``: the BN folded into the weight, one
   fused conv + bias + relu (+ add) per conv. On a CPU the fused op runs its CPU
   body, the same math as cuDNN's fused graph (fp32 epilogue, one rounding);
@@ -19,6 +19,7 @@ folding, not a GPU's numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 import fastres  # noqa: E402
-from fastres import _cudnn  # noqa: E402
+from fastres import backends  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -39,7 +40,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    _cudnn.unavailable_reason = lambda device: None  # run the fused op's CPU body (see the docstring)
+    cudnn = backends.REGISTRY["cudnn"]  # run the fused op's CPU body (see the docstring)
+    backends.REGISTRY["cudnn"] = dataclasses.replace(cudnn, unavailable=lambda device: None)
     print(f"logits error vs torchvision fp32 (max |y - ref| / max |ref|), {args.dtype}, batch {args.batch}, "
           f"{args.image_size}x{args.image_size}, CPU")
     for arch in args.archs:

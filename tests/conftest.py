@@ -4,6 +4,7 @@ Without a GPU, the Triton kernels run on CPU tensors under the Triton
 interpreter: TRITON_INTERPRET=1 must be set before triton is imported, so it
 is set here, before anything imports fastres.
 """
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Tuple
@@ -17,7 +18,7 @@ import pytest  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres import backends  # noqa: E402
-from fastres._layout import conv_out_size  # noqa: E402
+from fastres._conv import out_size as conv_out_size  # noqa: E402
 
 DEVICE = backends.default_device()
 
@@ -41,7 +42,7 @@ def kernel_backends(op):
     out = []
     for b in ("triton", "cuda"):
         reason = backends.unavailable_reason(b, DEVICE)
-        if reason is None and b not in fastres.ops.implemented_backends(op):
+        if reason is None and b not in backends.implemented_backends(op):
             reason = f"{op} has no {b} backend in this build"
         out.append(pytest.param(b, id=b, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return out
@@ -49,6 +50,15 @@ def kernel_backends(op):
 
 def all_backends(op):
     return [pytest.param("torch", id="torch"), *kernel_backends(op)]
+
+
+def replace_impl(monkeypatch, backend: str, op: str, name: str, **changes):
+    """Replace fields of one registered implementation (``fastres.backends.REGISTRY``) for a test."""
+    impls = list(backends.REGISTRY[backend].ops[op])
+    i = next(i for i, impl in enumerate(impls) if impl.name == name)
+    impls[i] = dataclasses.replace(impls[i], **changes)
+    monkeypatch.setitem(backends.REGISTRY[backend].ops, op, impls)
+    return impls[i]
 
 
 @dataclass(frozen=True)

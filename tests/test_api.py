@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fastres
 from fastres import backends, ops
+from conftest import replace_impl
 
 
 def _bn_act_args(c=4):
@@ -38,7 +39,7 @@ def test_known_but_unusable_backend_says_why():
 
 
 def test_unimplemented_backend_says_so():
-    missing = [b for b in ("triton", "cuda") if b not in ops.implemented_backends("conv_bn_act")]
+    missing = [b for b in ("triton", "cuda") if b not in backends.implemented_backends("conv_bn_act")]
     if not missing:
         pytest.skip("every backend of conv_bn_act is implemented")
     x, w = torch.ones(1, 2, 3, 3), torch.ones(2, 2, 1, 1)
@@ -181,7 +182,8 @@ def test_conv_bn_act_cpu_onednn_path(dtype, conv, act, x_fmt, r_fmt, with_residu
     out_shape = ops.conv_bn_act(x, w, scale, shift, **args).shape
     r = torch.randn(out_shape).to(dtype).contiguous(memory_format=r_fmt) if with_residual else None
     calls = []
-    monkeypatch.setattr(fastres._onednn, "conv_bn_act", lambda *a, f=fastres._onednn.conv_bn_act: calls.append(1) or f(*a))
+    f = fastres._onednn.conv_bn_act
+    replace_impl(monkeypatch, "torch", "conv_bn_act", "onednn", fn=lambda *a: calls.append(1) or f(*a))
     with torch.no_grad():
         out = ops.conv_bn_act(x, w, scale, shift, r, **args)
     assert calls or (with_residual and act == "silu"), "the oneDNN path was not taken"
@@ -218,7 +220,7 @@ def test_conv_bn_act_cpu_onednn_residual_on_one_pixel(dtype, n):
 
 
 def test_conv_bn_act_cpu_onednn_path_not_taken_for_training(monkeypatch):
-    monkeypatch.setattr(fastres._onednn, "conv_bn_act", lambda *a: pytest.fail("oneDNN path taken with grad"))
+    replace_impl(monkeypatch, "torch", "conv_bn_act", "onednn", fn=lambda *a: pytest.fail("oneDNN path taken with grad"))
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3, requires_grad=True)
     ops.conv_bn_act(x, w, torch.ones(3), torch.zeros(3), backend="torch").sum().backward()
     assert w.grad is not None
@@ -240,5 +242,5 @@ def test_conv_output_memory_format_rule_is_f_conv2d(x_shape, w_shape, x_cl, w_cl
     w = torch.randn(w_shape).contiguous(memory_format=cl if w_cl else torch.contiguous_format)
     y = F.conv2d(x, w)
     assert fastres._layout.conv_out_channels_last(x, w) == (not y.is_contiguous())  # y's shape is unambiguous
-    fake = ops._conv_bn_act_fake(x, w, torch.ones(w_shape[0]), torch.zeros(w_shape[0]), None, [1, 1], [0, 0], [1, 1], 1, "relu")
+    fake = fastres._opdefs.conv_bn_act_fake(x, w, torch.ones(w_shape[0]), torch.zeros(w_shape[0]), None, [1, 1], [0, 0], [1, 1], 1, "relu")
     assert fake.stride() == y.stride()

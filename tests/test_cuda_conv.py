@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres import _extension, _layout, ops, reference, shapes
+from fastres import _conv, _extension, _layout, backends, ops, reference, shapes
 from conftest import ACTIVATIONS, FORMATS, conv_inputs
 from conftest import ConvCase as Conv
 
@@ -89,7 +89,7 @@ def test_dispatcher_has_cuda_kernel_only():
 
 @needs_op
 def test_implemented_backends_lists_cuda():
-    assert "cuda" in ops.implemented_backends("conv_bn_act")
+    assert "cuda" in backends.implemented_backends("conv_bn_act")
 
 
 @needs_op
@@ -199,7 +199,7 @@ def test_output_size_is_pytorchs(h, r, stride, padding, want):
     else:
         with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
             F.conv2d(torch.zeros(1, 1, h, h), torch.zeros(1, 1, r, r), stride=stride, padding=padding)
-    assert _layout.conv_out_size(h, r, stride, padding, 1) == want
+    assert _conv.out_size(h, r, stride, padding, 1) == want
     # P x (2^17 - r + 1) output pixels of 2^14 fp16 channels: over 2^31 bytes unless P == 0
     reason = _unsupported(torch.float16, 8, 2**14, r, r, 1, 9, h, 2**17, (stride, 1), (padding, 0))
     assert (reason != "") == (want > 0), reason
@@ -552,7 +552,7 @@ def test_cuda_is_a_default_candidate_where_supported():
     cv = SMALL["c40k72-d2"]
     x, w, scale, shift, r = _inputs(cv, torch.float16)
     assert _extension.cuda_conv_unsupported_reason(x, w, *cv.conv_args()) is None
-    assert "cuda" in _tune.candidates(x, w, *cv.conv_args(), "relu", ops.implemented_backends("conv_bn_act"))
+    assert "cuda" in _tune.candidates((x, w, scale, shift, None, *cv.conv_args(), "relu"))
 
 
 def _stem_extra_positions(r, s, c_pad=4, k_tile=32):

@@ -16,6 +16,11 @@ from fastres import _cudnn, backends, ops, reference
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _cudnn_backend(*args):
+    """What ``backend="cudnn"`` runs for validated ``conv_bn_act`` arguments, on any device."""
+    return backends.select("test", "conv_bn_act", "cudnn", args).fn(*args)
+
+
 def _inputs(dtype, fmt, residual, device="cpu", n=2, c=6, h=7, w=9, k=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g).to(device, dtype).contiguous(memory_format=fmt)
@@ -101,7 +106,7 @@ def test_backend_function_matches_reference_on_cpu(dtype, act):
     """``_cudnn.conv_bn_act`` (what backend="cudnn" runs) on CPU tensors: the fused form for relu,
     conv + bn_act otherwise (fp64 always)."""
     x, w, scale, shift, r = _inputs(dtype, torch.channels_last, True)
-    y = _cudnn.conv_bn_act(x, w, scale, shift, r, *GEOM, act)
+    y = _cudnn_backend(x, w, scale, shift, r, *GEOM, act)
     ref = reference.conv_bn_act(x, w, scale, shift, r, *GEOM, act)
     torch.testing.assert_close(y, ref, **TOL[dtype])
     assert y.stride() == ref.stride()
@@ -134,7 +139,7 @@ def test_folding_keeps_the_accuracy_rule(dtype):
     stock = torch.relu(F.batch_norm(F.conv2d(x, w, None, 1, 1), *bn, eps=1e-5))
     scale = gamma.to(dtype).float() / torch.sqrt(var.to(dtype).float() + 1e-5)  # ops.bn_scale_shift's formula
     shift = beta.to(dtype).float() - mean.to(dtype).float() * scale
-    y = _cudnn.conv_bn_act(x, w, scale, shift, None, [1, 1], [1, 1], [1, 1], 1, "relu")
+    y = _cudnn_backend(x, w, scale, shift, None, [1, 1], [1, 1], [1, 1], 1, "relu")
     err = lambda y: (y.double() - truth).abs().max().item()  # noqa: E731
     assert err(y) <= 1.5 * err(stock), (err(y), err(stock))
 
@@ -145,8 +150,8 @@ def test_backend_name_validation():
         ops.conv_bn_act(x, w, scale, shift, padding=1, backend="cudnn")
     with pytest.raises(RuntimeError, match="backend 'cudnn' is unavailable"):
         ops.bn_act(x, torch.ones(6), torch.zeros(6), backend="cudnn")
-    assert "cudnn" in ops.implemented_backends("conv_bn_act")
-    assert "cudnn" not in ops.implemented_backends("bn_act")
+    assert "cudnn" in backends.implemented_backends("conv_bn_act")
+    assert "cudnn" not in backends.implemented_backends("bn_act")
     with torch.backends.cudnn.flags(enabled=False):
         assert "cuDNN is disabled" in backends.unavailable_reason("cudnn", torch.device("cuda"))
 
@@ -189,7 +194,7 @@ def test_backend_function_under_torch_compile(mode):
     x, w, scale, shift, r = _inputs(torch.float32, torch.channels_last, True)
     if mode == "grad":
         w.requires_grad_(True)
-    f = torch.compile(lambda *a: _cudnn.conv_bn_act(*a, *GEOM, "relu"), fullgraph=True, backend="aot_eager")
+    f = torch.compile(lambda *a: _cudnn_backend(*a, *GEOM, "relu"), fullgraph=True, backend="aot_eager")
     ctx = {"no_grad": torch.no_grad, "grad": torch.enable_grad, "inference_mode": torch.inference_mode}[mode]
     with ctx():
         y = f(x, w, scale, shift, r)

@@ -194,13 +194,13 @@ def test_freeze_bn_survives_train_and_trains_affine(monkeypatch):
     assert fr.training and not any(m.training for m in bns)
     stats = copy.deepcopy([m.running_mean for m in bns])
     calls = {"conv_bn_act": 0}
-    orig = ops.conv_bn_act
+    orig = ops.run_conv_bn_act
 
     def counting(*a, **k):
         calls["conv_bn_act"] += 1
         return orig(*a, **k)
 
-    monkeypatch.setattr(ops, "conv_bn_act", counting)
+    monkeypatch.setattr(ops, "run_conv_bn_act", counting)
     x = torch.randn(2, 3, 32, 32)
     fr(x).logsumexp(1).sum().backward()
     tv(x).logsumexp(1).sum().backward()
@@ -312,7 +312,7 @@ def test_save_load_model_and_state_dict():
 def _triton_conv_reason():
     from fastres import backends
 
-    if "triton" not in ops.implemented_backends("conv_bn_act"):
+    if "triton" not in fastres.backends.implemented_backends("conv_bn_act"):
         return "conv_bn_act has no triton backend in this build yet"
     device = backends.default_device()
     return backends.unavailable_reason("triton", device)

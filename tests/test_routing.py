@@ -9,7 +9,7 @@
 import pytest
 import torch
 
-from fastres import _extension, backends
+from fastres import _extension, _triton_env, backends
 
 needs_cuda_build = pytest.mark.skipif(
     _extension.unavailable_reason() is not None, reason=str(_extension.unavailable_reason())
@@ -88,9 +88,9 @@ def test_interpreter_numpy_bound(monkeypatch, triton_version, numpy_version, usa
     backend says so on CPU instead of failing inside a kernel."""
     import numpy
 
-    monkeypatch.setattr(backends, "TRITON_VERSION", triton_version)
+
     monkeypatch.setattr(numpy, "__version__", numpy_version)
-    reason = backends._interpreter_reason()
+    reason = _triton_env.interpreter_reason(triton_version)
     assert (reason is None) == usable, reason
     if not usable:
         assert "numpy < 2.4" in reason

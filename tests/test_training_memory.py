@@ -1,4 +1,4 @@
-"""Training in less activation memory, with unchanged gradients (fastres/nn/_fuse.py).
+"""Training in less activation memory, with unchanged gradients (fastres/nn/_train.py).
 
 * the fused ``bn_act`` backward's recomputed output (``output=True``) on every
   backend against the reference, and the reference against autograd;
@@ -18,7 +18,7 @@ from torch import nn
 import fastres
 from benchmarks.saved import saved_bytes
 from fastres import ops, reference
-from fastres.nn import _fuse
+from fastres.nn import _train
 from conftest import ACTIVATIONS, DEVICE, DTYPES, FORMATS, TOL, all_backends, kernel_backends
 
 
@@ -136,7 +136,7 @@ def test_gradcheck_conv_batch_stats(backend, act_prev):
 
     def f(*a):
         # center is the detached batch mean: only what does not depend on it is a function of the inputs
-        yc, var, mean_c, _ = _fuse._ConvBatchStats.apply(*a, conv_args, act_prev, backend, None)
+        yc, var, mean_c, _ = _train._ConvBatchStats.apply(*a, conv_args, act_prev, backend, None)
         return yc - mean_c.view(1, -1, 1, 1), var
 
     assert torch.autograd.gradcheck(f, (src, scale, shift, w, b))
@@ -153,7 +153,7 @@ def test_gradcheck_conv_bn_act_recompute(backend, act):
     conv_args = ((1, 1), (0, 0), (1, 1), 1)
 
     def f(s, sc, sh, w_, bw, bb, res):
-        return _fuse._ConvBNActRecompute.apply(s, sc, sh, w_, None, bw, bb, res, conv_args, "silu", act, 1e-5,
+        return _train._ConvBNActRecompute.apply(s, sc, sh, w_, None, bw, bb, res, conv_args, "silu", act, 1e-5,
                                                backend, None, None)[0]
 
     # relu: kinks are measure-zero but finite differences may cross one; check in a smooth point

@@ -5,6 +5,7 @@ types, so that ``backend=None`` chooses among the candidates usable on CPU
 (``"stock"``, and ``"triton"`` under the interpreter) with a fake timer that
 says how fast each candidate is. Nothing here times anything for real.
 """
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,11 +17,10 @@ import torch
 
 import fastres.tune
 from conftest import TOL
-from fastres import _onednn, _tune, backends, ops, reference
+from fastres import _tune, backends, ops, reference
 
 needs_triton = pytest.mark.skipif(backends.unavailable_reason("triton", torch.device("cpu")) is not None,
                                   reason="needs the Triton interpreter")
-IMPLEMENTED = ("torch", "triton", "cuda", "cudnn")
 
 
 class FakeTimer:
@@ -76,9 +76,14 @@ def _key(args, act="relu"):
     return _tune.conv_key(x, w, r, [1, 1], [1, 1], [1, 1], 1, act)
 
 
-def _choose(args, run=lambda name: None, act="relu"):
-    x, w, _, _, r = args
-    return _tune.conv_backend(x, w, r, [1, 1], [1, 1], [1, 1], 1, act, IMPLEMENTED, run)
+def _full(args, act="relu"):
+    """The validated ``conv_bn_act`` arguments the tuner receives (3x3, padding 1)."""
+    return (*args, [1, 1], [1, 1], [1, 1], 1, act)
+
+
+def _choose(args, run=None, act="relu"):
+    full = _full(args, act)
+    return _tune.conv_backend(full, run or (lambda name: ops._conv_bn_act_on(name, full, None)))
 
 
 # ----------------------------------------------------------------------------
@@ -110,9 +115,9 @@ def test_first_call_measures_and_runs_the_fastest(tune, monkeypatch, fastest, mo
 
 
 def test_candidates_on_cpu_and_the_static_rule():
-    x, w, _, _, _ = _conv()
-    usable = _tune.candidates(x, w, [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
-    expected = ("stock", "triton") if backends.unavailable_reason("triton", x.device) is None else ("stock",)
+    args = _conv()
+    usable = _tune.candidates(_full(args))
+    expected = ("stock", "triton") if backends.unavailable_reason("triton", args[0].device) is None else ("stock",)
     assert usable == expected  # cudnn and cuda need CUDA tensors
     assert _tune.static_choice(("stock", "triton", "cuda", "cudnn")) == "cudnn"
     assert _tune.static_choice(("stock", "triton", "cuda")) == "cuda"
@@ -121,22 +126,23 @@ def test_candidates_on_cpu_and_the_static_rule():
 
 def test_cudnn_candidate_only_with_a_fused_form(monkeypatch):
     """Without a fused cuDNN epilogue the cudnn backend is conv + bn_act, i.e. the stock candidate."""
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name != "cuda" else "no")
-    x, w, _, _, _ = _conv()
-    assert "cudnn" in _tune.candidates(x, w, [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
-    assert "cudnn" not in _tune.candidates(x, w, [1, 1], [1, 1], [1, 1], 1, "silu", IMPLEMENTED)
-    assert "cudnn" not in _tune.candidates(x.double(), w.double(), [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
+    cudnn = dataclasses.replace(backends.REGISTRY["cudnn"], unavailable=lambda device: None)
+    monkeypatch.setitem(backends.REGISTRY, "cudnn", cudnn)
+    args = _conv()
+    assert "cudnn" in _tune.candidates(_full(args, "relu"))
+    assert "cudnn" not in _tune.candidates(_full(args, "silu"))
+    assert "cudnn" not in _tune.candidates(_full(tuple(t if t is None else t.double() for t in args), "relu"))
 
 
-def test_a_failing_candidate_is_skipped(tune, monkeypatch):
+def test_a_failing_candidate_is_disqualified(tune, monkeypatch):
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": RuntimeError("out of resources"), "stock": 2.0}))
     args = _conv()
-    usable = _tune.candidates(args[0], args[1], [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
-    if len(usable) < 2:
+    if len(_tune.candidates(_full(args))) < 2:
         pytest.skip("needs two candidates (the Triton interpreter)")
-    assert _choose(args) == "stock"
+    with pytest.warns(RuntimeWarning, match="backend 'triton' disqualified for .*out of resources"):
+        assert _choose(args) == "stock"
     entry = fastres.tune.choices()[_key(args)]
-    assert "out of resources" in entry["skipped"]["triton"]
+    assert "out of resources" in entry["disqualified"]["triton"]
 
 
 def test_budget_bounds_the_first_call(tune, monkeypatch):
@@ -145,23 +151,77 @@ def test_budget_bounds_the_first_call(tune, monkeypatch):
     timer = FakeTimer({"cudnn": 5.0, "stock": 1.0, "cuda": 0.5, "triton": 0.1})
     monkeypatch.setattr(_tune, "_timer", timer)
     x, w, _, _, _ = _conv()
-    entry = _tune.measure("k", ("cudnn", "stock", "cuda", "triton"), lambda name: None, x.device)
+    entry = _tune.measure("k", ("cudnn", "stock", "cuda", "triton"), lambda name: None, x.device, None)
     assert timer.calls == ["cudnn"]
     assert entry["choice"] == "cudnn"
     assert set(entry["skipped"]) == {"stock", "cuda", "triton"}
     assert entry["tune_ms"] == 10 * 5.0 + _tune.REPS * 5.0
     monkeypatch.setenv("FASTRES_TUNE_BUDGET_S", "ten")
     with pytest.raises(ValueError, match="FASTRES_TUNE_BUDGET_S to be a number of seconds, got 'ten'"):
-        _tune.measure("k", ("cudnn", "stock"), lambda name: None, x.device)
+        _tune.measure("k", ("cudnn", "stock"), lambda name: None, x.device, None)
+
+
+class FakeCandidates:
+    """``run(name)`` of the tuner: the reference's result, or a fault per candidate."""
+
+    def __init__(self, args, faults):
+        self.expected = _ref(args)
+        self.faults = faults
+
+    def __call__(self, name):
+        fault = self.faults.get(name)
+        if fault == "wrong":
+            return self.expected + 1.0
+        if fault == "nan":
+            return torch.full_like(self.expected, float("nan"))
+        if fault == "raise":
+            raise RuntimeError("illegal memory access")
+        return self.expected.clone()
+
+
+@pytest.mark.parametrize("fault", ["wrong", "nan", "raise"])
+def test_a_wrong_candidate_never_wins(tune, monkeypatch, fault, capsys):
+    """The fastest candidate is checked against the reference first: a wrong result, non-finite
+    values or an exception disqualify it for the key (warned once, kept in the table and shown
+    by --show); the right one is chosen."""
+    monkeypatch.setattr(_tune, "_timer", FakeTimer({"cudnn": 0.5, "stock": 2.0}))
+    args = _conv()
+    run = FakeCandidates(args, {"cudnn": fault})
+    with pytest.warns(RuntimeWarning, match=r"backend 'cudnn' disqualified for cpu\|fp32.*c4h7w9"):
+        entry = _tune.measure(_key(args), ("cudnn", "stock"), run, torch.device("cpu"), lambda: _ref(args))
+    assert entry["choice"] == "stock" and set(entry["ms"]) == {"stock"}
+    assert set(entry["disqualified"]) == {"cudnn"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per backend and key
+        _tune.measure(_key(args), ("cudnn", "stock"), run, torch.device("cpu"), lambda: _ref(args))
+    assert json.loads(tune.read_text())["entries"][_key(args)]["disqualified"] == entry["disqualified"]
+    _tune.clear(file=False)
+    assert fastres.tune.main(["--show"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith(_key(args)))
+    assert line.split()[1:4] == ["stock", "-", "-"] and "disqualified" in line
+    assert f"disqualified: cudnn for {_key(args)}: " in out
+
+
+def test_check_output_tolerances():
+    expected = torch.randn(2, 3, 4, 5)
+    assert _tune.check_output(expected + 1e-4 * expected.abs().max(), expected) is None
+    assert "exceeds" in _tune.check_output(expected + 0.1 * expected.abs().max(), expected)
+    assert "expected a (2, 3, 4, 5)" in _tune.check_output(expected[:1], expected)
+    assert "expected a" in _tune.check_output(None, expected)
+    inf = expected.clone()
+    inf[0, 0, 0, 0] = float("inf")
+    assert "non-finite" in _tune.check_output(inf, expected)
+    assert _tune.check_output(inf, inf) is None  # non-finite where the reference is too: PyTorch's semantics
+    half = expected.to(torch.bfloat16)
+    assert _tune.check_output(half, expected.to(torch.bfloat16)) is None
 
 
 @needs_triton
 def test_model_run_in_inference_mode(tune, monkeypatch):
     """A fastres block built and run inside inference_mode, backend=None: measured, then the choice runs.
-    (On a real CPU the block's eval convs take oneDNN before any choice; it is switched off here to
-    stand for a GPU, where every eval conv goes through ``ops.conv_bn_act``.)"""
+    (CPU stands for a GPU here: the tuner chooses among triton and stock.)"""
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": 1.0, "stock": 2.0}, run=True))
-    monkeypatch.setattr(_onednn, "usable", lambda *args: False)
     with torch.inference_mode():
         block = fastres.nn.BasicBlock(4, 4).eval()
         x = torch.randn(1, 4, 5, 6)
@@ -205,7 +265,7 @@ def test_cache_file_round_trip(tune, monkeypatch):
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": 1.0, "stock": 2.0, "cuda": 3.0}))
     args = _conv()
     x = args[0]
-    _tune.measure(_key(args), ("stock", "triton", "cuda"), lambda name: None, x.device)
+    _tune.measure(_key(args), ("stock", "triton", "cuda"), lambda name: None, x.device, None)
     data = json.loads(tune.read_text())
     assert data["format"] == "fastres-tune" and data["versions"] == _tune.versions()
     assert data["entries"][_key(args)]["choice"] == "triton"
@@ -219,11 +279,11 @@ def test_cache_file_round_trip(tune, monkeypatch):
 def test_two_processes_merge_into_one_file(tune, monkeypatch):
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": 1.0, "stock": 2.0}))
     dev = torch.device("cpu")
-    _tune.measure("a", ("stock", "triton"), lambda name: None, dev)
+    _tune.measure("a", ("stock", "triton"), lambda name: None, dev, None)
     _tune.clear(file=False)  # another process that has not read the file yet
     with _tune._LOCK:
         _tune._STATE["loaded"] = True  # ... and measures before reading it
-    _tune.measure("b", ("stock", "triton"), lambda name: None, dev)
+    _tune.measure("b", ("stock", "triton"), lambda name: None, dev, None)
     assert set(json.loads(tune.read_text())["entries"]) == {"a", "b"}
 
 
@@ -235,13 +295,13 @@ def test_unreadable_file_is_ignored_with_a_warning_and_left_alone(tune, monkeypa
     tune.write_text(content)
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": 1.0, "stock": 2.0}))
     with pytest.warns(UserWarning, match="not a fastres tune file"):
-        entry = _tune.measure("k", ("stock", "triton"), lambda name: None, torch.device("cpu"))
+        entry = _tune.measure("k", ("stock", "triton"), lambda name: None, torch.device("cpu"), None)
     assert entry["choice"] == "triton"
     assert _tune.lookup("k")["choice"] == "triton"  # remembered in memory
     assert tune.read_text() == content  # never overwritten
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _tune.measure("k2", ("stock", "triton"), lambda name: None, torch.device("cpu"))  # warned once
+        _tune.measure("k2", ("stock", "triton"), lambda name: None, torch.device("cpu"), None)  # warned once
     fastres.tune.clear()
     assert tune.read_text() == content  # clear() deletes only a fastres tune file
 
@@ -252,7 +312,7 @@ def test_other_versions_are_ignored_then_replaced(tune, monkeypatch):
                                 "entries": {"k": {"choice": "stock", "ms": {"stock": 1.0}}}}))
     assert _tune.lookup("k") is None  # measured by another fastres: re-measure
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": 1.0, "stock": 2.0}))
-    _tune.measure("k", ("stock", "triton"), lambda name: None, torch.device("cpu"))
+    _tune.measure("k", ("stock", "triton"), lambda name: None, torch.device("cpu"), None)
     data = json.loads(tune.read_text())
     assert data["versions"] == _tune.versions() and data["entries"]["k"]["choice"] == "triton"
 
@@ -267,7 +327,7 @@ def test_autotune_off_uses_known_else_static(tune, monkeypatch):
     timer = FakeTimer({})
     monkeypatch.setattr(_tune, "_timer", timer)
     args = _conv()
-    usable = _tune.candidates(args[0], args[1], [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED)
+    usable = _tune.candidates(_full(args))
     assert _choose(args) == _tune.static_choice(usable)
     assert timer.calls == [] and fastres.tune.choices() == {}  # the static rule is not remembered
     assert fastres.tune.used(reset=True)[_key(args)]["how"] == "static"
@@ -290,7 +350,7 @@ def test_graph_capture_and_jit_trace_never_measure(tune, monkeypatch):
     timer = FakeTimer({})
     monkeypatch.setattr(_tune, "_timer", timer)
     args = _conv()
-    static = _tune.static_choice(_tune.candidates(args[0], args[1], [1, 1], [1, 1], [1, 1], 1, "relu", IMPLEMENTED))
+    static = _tune.static_choice(_tune.candidates(_full(args)))
     monkeypatch.setattr(_tune, "_capturing", lambda device: True)
     assert _choose(args) == static
     monkeypatch.setattr(_tune, "_capturing", lambda device: False)
@@ -371,7 +431,7 @@ def test_threads_measure_each_key_once(tune, monkeypatch):
 def test_cli_show_prints_the_table(tune, monkeypatch, capsys):
     monkeypatch.setattr(_tune, "_timer", FakeTimer({"triton": 1.0, "stock": 2.5}))
     args = _conv()
-    _tune.measure(_key(args), ("stock", "triton"), lambda name: None, torch.device("cpu"))
+    _tune.measure(_key(args), ("stock", "triton"), lambda name: None, torch.device("cpu"), None)
     _tune.clear(file=False)  # --show reads the file
     assert fastres.tune.main(["--show"]) == 0
     out = capsys.readouterr().out
@@ -407,7 +467,7 @@ def test_gpu_first_call_times_every_usable_candidate(monkeypatch, tmp_path, act,
                                                                                   fmt=torch.channels_last))
         w = w.contiguous(memory_format=torch.channels_last)
         y = ops.conv_bn_act(x, w, scale, shift, r, padding=1, activation=act)
-        usable = _tune.candidates(x, w, [1, 1], [1, 1], [1, 1], 1, act, ops.implemented_backends("conv_bn_act"))
+        usable = _tune.candidates((x, w, scale, shift, r, [1, 1], [1, 1], [1, 1], 1, act))
         entry = fastres.tune.choices()[_tune.conv_key(x, w, r, [1, 1], [1, 1], [1, 1], 1, act)]
         assert set(entry["ms"]) | set(entry.get("skipped", {})) == set(usable)
         assert entry["choice"] in entry["ms"] and ("cudnn" in usable) == (act == "relu")

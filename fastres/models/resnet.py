@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from fastres._tracing import is_fx_proxy
-from fastres.nn import _fuse
+from fastres.nn._fusability import make_activation
+from fastres.nn._pooling import max_pool
 from fastres.nn import modules as _m
 from fastres.nn.modules import BasicBlock, Bottleneck, FusedModule, conv1x1
 
@@ -91,7 +92,7 @@ class ResNet(FusedModule):
         self.base_width = width_per_group
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(self.inplanes)
-        self.relu = _m._fuse.make_activation(activation, "ResNet")
+        self.relu = make_activation(activation, "ResNet")
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
@@ -161,7 +162,7 @@ class ResNet(FusedModule):
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = self._conv_bn("bn1", x, self.conv1, self.bn1, self.relu)
-            x = _fuse.max_pool(self.maxpool, x)
+            x = max_pool(self.maxpool, x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -6,9 +6,9 @@
 * :func:`set_backend`, :func:`set_training_memory`, :func:`freeze_bn`, :func:`clear_cache` --
   whole-model helpers.
 
-What runs fused in eval and in train mode: ``fastres/nn/_fuse.py`` and docs/models.md.
+What runs fused in eval and in train mode: ``fastres/nn/_fuse.py`` (the entry point) and docs/models.md.
 """
-from fastres.nn._fuse import make_activation
+from fastres.nn._fusability import make_activation
 from fastres.nn.modules import (
     BasicBlock,
     Bottleneck,

@@ -22,10 +22,11 @@ from typing import Callable, Iterator, Optional, Tuple
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastres._checks import check_backend_name
+from fastres.backends import check_backend_name
 from fastres._tracing import is_fx_proxy
 from fastres.nn import _fuse
-from fastres.nn._fuse import PreparedCache, activation_name
+from fastres.nn._fusability import activation_name, has_hooks, make_activation
+from fastres.nn._prepared import PreparedCache
 
 
 TRAINING_MEMORY = ("low", "min")
@@ -63,7 +64,7 @@ class FusedModule(nn.Module):
         residual: Optional[Tensor] = None, defer: bool = False,
     ):
         """``act(bn(conv(x)) (+ residual))``; ``defer=True`` (an output that only feeds the
-        next ``_conv_bn``) lets a training unit return a ``_fuse.PendingBN``."""
+        next ``_conv_bn``) lets a training unit return a ``PendingBN``."""
         return _fuse.conv_bn_act(
             self._fastres_cache, slot, x, conv, bn, act, residual, self.backend, defer,
             getattr(self, "training_memory", "low"),
@@ -76,7 +77,7 @@ class FusedModule(nn.Module):
         if (
             type(downsample) is nn.Sequential
             and len(downsample) == 2
-            and not _fuse._has_hooks(downsample)
+            and not has_hooks(downsample)
         ):
             return self._conv_bn("downsample", x, downsample[0], downsample[1], None)
         return downsample(x)
@@ -156,7 +157,7 @@ class ConvBNAct(FusedModule):
             groups=groups, bias=bias, **conv_kwargs,
         )
         self.bn = _norm(norm_layer)(out_channels)
-        self.act = _fuse.make_activation(activation, "ConvBNAct")
+        self.act = make_activation(activation, "ConvBNAct")
 
     @classmethod
     def from_modules(
@@ -213,7 +214,7 @@ class BasicBlock(FusedModule):
             raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = norm_layer(planes)
-        self.relu = _fuse.make_activation(activation, "BasicBlock")
+        self.relu = make_activation(activation, "BasicBlock")
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
@@ -276,7 +277,7 @@ class Bottleneck(FusedModule):
         self.bn2 = norm_layer(width)
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = _fuse.make_activation(activation, "Bottleneck")
+        self.relu = make_activation(activation, "Bottleneck")
         self.downsample = downsample
         self.stride = stride
 
@@ -385,7 +386,8 @@ def freeze_bn(model: nn.Module, *, affine: bool = True) -> nn.Module:
 # timm's block layout (``fastres.convert`` of timm ResNets).
 # ----------------------------------------------------------------------------
 
-_TIMM_EXTRAS = ("drop_block", "aa", "se", "drop_path")
+# timm's optional block submodules: absent or nn.Identity for the fused path.
+TIMM_OPTIONAL = ("drop_block", "aa", "se", "drop_path")
 
 
 def _present(m: Optional[nn.Module]) -> bool:
@@ -401,14 +403,14 @@ class TimmBasicBlock(BasicBlock):
     def __init__(self, *args, activation: str = "relu", backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(*args, activation=activation, backend=backend, **kwargs)
         del self.relu
-        self.act1 = _fuse.make_activation(activation, type(self).__name__)
-        self.act2 = _fuse.make_activation(activation, type(self).__name__)
+        self.act1 = make_activation(activation, type(self).__name__)
+        self.act2 = make_activation(activation, type(self).__name__)
 
     def _acts(self):
         return self.act1, self.act2
 
     def forward(self, x: Tensor) -> Tensor:
-        if any(_present(getattr(self, n, None)) for n in _TIMM_EXTRAS):
+        if any(_present(getattr(self, n, None)) for n in TIMM_OPTIONAL):
             return self._forward_modules(x)
         return super().forward(x)
 
@@ -432,15 +434,15 @@ class TimmBottleneck(Bottleneck):
     def __init__(self, *args, activation: str = "relu", backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(*args, activation=activation, backend=backend, **kwargs)
         del self.relu
-        self.act1 = _fuse.make_activation(activation, type(self).__name__)
-        self.act2 = _fuse.make_activation(activation, type(self).__name__)
-        self.act3 = _fuse.make_activation(activation, type(self).__name__)
+        self.act1 = make_activation(activation, type(self).__name__)
+        self.act2 = make_activation(activation, type(self).__name__)
+        self.act3 = make_activation(activation, type(self).__name__)
 
     def _acts(self):
         return self.act1, self.act2, self.act3
 
     def forward(self, x: Tensor) -> Tensor:
-        if any(_present(getattr(self, n, None)) for n in _TIMM_EXTRAS):
+        if any(_present(getattr(self, n, None)) for n in TIMM_OPTIONAL):
             return self._forward_modules(x)
         return super().forward(x)
 

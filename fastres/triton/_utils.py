@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastres import _triton_env
+
+INTERPRET = _triton_env.interpret()  # fixed when the kernels are defined, as in triton
 DOT_UPCAST_BF16 = INTERPRET
 
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")

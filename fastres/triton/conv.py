@@ -52,7 +52,6 @@ Address arithmetic is int64 wherever it scales with the batch (pixel rows of
 ``x``, ``residual`` and the output); per-image offsets and the weight stay
 int32 (a single image or weight tensor above 2**31 elements is not supported).
 """
-import re
 from typing import List, Optional
 
 import torch
@@ -60,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastres import _layout
+from fastres import _conv, _triton_env
 from fastres.triton._utils import ACT_CODES, DOT_UPCAST_BF16, INTERPRET, apply_act, triton_custom_op, wrap
 
 
@@ -113,8 +112,7 @@ _SMEM_FALLBACK = 232448  # an H100's opt-in shared memory per block, for non-CUD
 # The register rules differ by Triton version (measured with
 # scripts/triton_compile_check.py under 3.6 and 3.8): before 3.8 the transposed
 # NCHW epilogue keeps more of the tile live, so NCHW outputs need smaller tiles.
-TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
-_NCHW_TIGHT = TRITON_VERSION < (3, 8)
+_NCHW_TIGHT = _triton_env.version_tuple() < (3, 8)
 
 
 def _smem_limit(device: torch.device) -> int:
@@ -366,11 +364,8 @@ def _prepare(x, weight, scale, shift, residual, stride, padding, dilation, group
     """The output tensor and the kernel's arguments (a dict; the launch grid needs the config)."""
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
-    p, q = (
-        _layout.conv_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-        for i in range(2)
-    )
-    fmt = torch.channels_last if _layout.conv_out_channels_last(x, weight) else torch.contiguous_format
+    fmt = _conv.out_format(x, weight)
+    _, _, p, q = _conv.out_shape(x.shape, weight.shape, stride, padding, dilation)
     out = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=fmt)
     # NHWC x: no copy if it already is (an NCHW x costs one read + write here).
     x = x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,93 @@
+"""The ``"torch"`` backend: plain PyTorch on any device.
+
+``bn_act`` runs through BatchNorm's vectorized CPU kernels where they give the
+reference's result (``fastres._cpu_bn``), and under autograd as one function with
+the kernel ops' formula (it keeps what they keep); ``conv_bn_act`` runs CPU
+inference through oneDNN's fused convolution with the BN folded into a prepared
+weight (``fastres._onednn``). Everything else is the reference
+(``fastres.reference``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastres import _cpu_bn, _layout, _onednn, _opdefs, reference
+from fastres._backends.spec import Backend, Impl, first_supporting
+from fastres._tracing import is_tracing
+
+
+def _batchnorm_reason(x, scale, shift, residual, act) -> Optional[str]:
+    return _cpu_bn.unsupported_reason(x, scale, residual, act)
+
+
+_BN_ACT = [
+    Impl("batchnorm-kernels", _cpu_bn.bn_act, supports=_batchnorm_reason),
+    Impl("reference", reference.bn_act),
+]
+_BN_ACT_BACKWARD = [
+    Impl("batchnorm-kernels", _cpu_bn.bn_act_backward,
+         supports=lambda grad, x, scale, shift, residual, act, *_: _batchnorm_reason(x, scale, shift, residual, act)),
+    Impl("reference", reference.bn_act_backward),
+]
+
+
+def _bn_act_forward(*args):
+    return first_supporting(_BN_ACT, args)[0].fn(*args)
+
+
+def _bn_act_backward(*args):
+    return first_supporting(_BN_ACT_BACKWARD, args)[0].fn(*args)
+
+
+class _BNActFunction(torch.autograd.Function):
+    """``bn_act`` under autograd with the kernel ops' formula (``fastres._opdefs``): it keeps
+    ``x`` and the residual, which its callers keep anyway; autograd through the
+    reference's ops would keep their fp32 intermediates (two extra fp32 copies per
+    call for a bf16 input)."""
+
+    forward = staticmethod(_bn_act_forward)
+    setup_context = staticmethod(_opdefs.bn_act_setup)
+    backward = staticmethod(_opdefs.bn_act_autograd(_bn_act_backward))
+
+
+def _autograd_reason(x, scale, shift, residual, act) -> Optional[str]:
+    if not torch.is_grad_enabled() or is_tracing():
+        return "no autograd graph is recorded"
+    if any(t is not None and t.requires_grad for t in (x, scale, shift, residual)):
+        return None
+    return "no input requires grad"
+
+
+def _onednn_reason(x, weight, scale, shift, residual, stride, padding, dilation, groups, act) -> Optional[str]:
+    return _onednn.unsupported_reason(x, weight, scale, shift, residual, act)
+
+
+def _onednn_prepare(source_weight, x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _onednn.prepare(x, source_weight, scale, shift, stride, padding, dilation, groups)
+
+
+def _onednn_run(form, x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _onednn.run(form, x, residual, act)
+
+
+def _onednn_form_key(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return (x.dtype, _layout.suggests_channels_last(x), tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+BACKEND = Backend(
+    name="torch",
+    unavailable=lambda device: None,
+    ops={
+        "add_act": [Impl("reference", reference.add_act)],
+        "bn_act": [Impl("autograd-formula", _BNActFunction.apply, supports=_autograd_reason), *_BN_ACT],
+        "bn_act_backward": _BN_ACT_BACKWARD,
+        "conv_bn_act": [
+            Impl("onednn", _onednn.conv_bn_act, supports=_onednn_reason, prepare=_onednn_prepare, run=_onednn_run,
+                 form_key=_onednn_form_key),
+            Impl("reference", reference.conv_bn_act),
+        ],
+    },
+    preference={"cuda": 3, "*": 0},
+)

@@ -1,0 +1,53 @@
+"""Max pooling in training that keeps only its indices for backward."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastres import _layout
+from fastres._tracing import is_jit_or_fx_tracing
+from fastres.nn._fusability import has_hooks
+
+
+class _MaxPool2dIndices(torch.autograd.Function):
+    """``F.max_pool2d(x, ...)`` that keeps only its indices for backward.
+
+    Autograd's ``max_pool2d_with_indices`` keeps its input as well, though its
+    backward reads only the input's shape and memory format: in a ResNet stem
+    that input is the largest activation of the network (the stem's
+    ``relu(bn1(conv1(x)))``, 4x the pooled output), kept for nothing when the
+    stem unit itself does not keep it.
+    """
+
+    @staticmethod
+    def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+        return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, *ctx.args = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        ctx.memory_format = torch.channels_last if _layout.is_channels_last(x) else torch.contiguous_format
+
+    @staticmethod
+    def backward(ctx, grad, _grad_indices):
+        (indices,) = ctx.saved_tensors
+        # the input's shape and layout only, never read
+        like = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device, memory_format=ctx.memory_format)
+        return (torch.ops.aten.max_pool2d_with_indices_backward(grad, like, *ctx.args, indices),) + (None,) * 5
+
+
+def max_pool(pool: nn.Module, x: Tensor) -> Tensor:
+    """``pool(x)``; in training, a plain ``nn.MaxPool2d`` runs as :class:`_MaxPool2dIndices`."""
+    if (
+        type(pool) is not nn.MaxPool2d or has_hooks(pool) or pool.return_indices or is_jit_or_fx_tracing()
+        or not torch.is_grad_enabled() or not x.requires_grad or x.dim() != 4
+    ):
+        return pool(x)
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    stride = pool.kernel_size if pool.stride is None else pool.stride
+    return _MaxPool2dIndices.apply(
+        x, pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation), pool.ceil_mode
+    )[0]
