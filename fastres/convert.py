@@ -21,7 +21,7 @@ Recognized, and converted when every part of them can run fused:
 Norms fused: ``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, torchvision's
 ``FrozenBatchNorm2d`` (the backbone norm of its detection and segmentation
 models) and timm's ``BatchNormAct2d``/``FrozenBatchNormAct2d`` with an
-``nn.Identity`` ``drop`` and a fused activation (``fastres.nn._fuse.library_norms``);
+``nn.Identity`` ``drop`` and a fused activation (``fastres.nn._fusability.library_norms``);
 a norm with its own activation right before the residual add runs unfused (reported).
 
 A block is left as it is (and reported, with the reason) when it overrides
@@ -37,14 +37,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+import types
 import warnings
 from typing import Dict, Optional, Tuple, Type
 
 from torch import nn
 
-from fastres._checks import check_backend_name
-from fastres.nn import _fuse
-from fastres.nn.modules import BasicBlock, Bottleneck, FusedModule, TimmBasicBlock, TimmBottleneck
+from fastres.backends import check_backend_name
+from fastres.nn import _fusability
+from fastres.nn.modules import TIMM_OPTIONAL, BasicBlock, Bottleneck, FusedModule, TimmBasicBlock, TimmBottleneck
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -90,10 +91,9 @@ class _BlockSpec:
 
 _TV_BASIC = _BlockSpec(BasicBlock, ("conv1", "conv2"), ("bn1", "bn2"), ("relu",))
 _TV_BOTTLENECK = _BlockSpec(Bottleneck, ("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"), ("relu",))
-_TIMM_ABSENT = ("drop_block", "aa", "se", "drop_path")
-_TIMM_BASIC = _BlockSpec(TimmBasicBlock, ("conv1", "conv2"), ("bn1", "bn2"), ("act1", "act2"), _TIMM_ABSENT)
+_TIMM_BASIC = _BlockSpec(TimmBasicBlock, ("conv1", "conv2"), ("bn1", "bn2"), ("act1", "act2"), TIMM_OPTIONAL)
 _TIMM_BOTTLENECK = _BlockSpec(
-    TimmBottleneck, ("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"), ("act1", "act2", "act3"), _TIMM_ABSENT
+    TimmBottleneck, ("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"), ("act1", "act2", "act3"), TIMM_OPTIONAL
 )
 
 
@@ -142,21 +142,21 @@ def _block_problems(m: nn.Module, cls: type, spec: _BlockSpec):
     problems, unfused = [], {}
     if type(m).forward is not cls.forward:
         problems.append(f"{type(m).__name__} overrides forward")
-    if _fuse._has_hooks(m):
+    if _fusability.has_hooks(m):
         problems.append("the block has hooks")
     for name in spec.convs:
-        why = _fuse.conv_unfusable_reason(getattr(m, name))
+        why = _fusability.conv_unfusable_reason(getattr(m, name))
         if why:
             problems.append(f"{name}: {why}")
     for name in spec.norms:
-        why = _fuse.bn_unfusable_reason(getattr(m, name))
+        why = _fusability.bn_unfusable_reason(getattr(m, name))
         if why:
             problems.append(f"{name}: {why}")
     for name in spec.acts:
-        why = _fuse.activation_unfusable_reason(getattr(m, name))
+        why = _fusability.activation_unfusable_reason(getattr(m, name))
         if why:
             problems.append(f"{name}: {why}")
-    why = _fuse.norm_before_residual_unfusable_reason(getattr(m, spec.norms[-1]))
+    why = _fusability.norm_before_residual_unfusable_reason(getattr(m, spec.norms[-1]))
     if why:
         unfused[f"{spec.convs[-1]}/{spec.norms[-1]}"] = why
     for name in spec.absent:
@@ -165,8 +165,8 @@ def _block_problems(m: nn.Module, cls: type, spec: _BlockSpec):
             problems.append(f"{name} is {type(part).__name__} (only None/nn.Identity is fused)")
     ds = getattr(m, "downsample", None)
     if ds is not None:
-        if type(ds) is nn.Sequential and len(ds) == 2 and not _fuse._has_hooks(ds):
-            why = _fuse.conv_unfusable_reason(ds[0]) or _fuse.bn_unfusable_reason(ds[1])
+        if type(ds) is nn.Sequential and len(ds) == 2 and not _fusability.has_hooks(ds):
+            why = _fusability.conv_unfusable_reason(ds[0]) or _fusability.bn_unfusable_reason(ds[1])
         else:
             why = f"{type(ds).__name__} is not Sequential(Conv2d, BatchNorm2d)"
         if why:
@@ -194,7 +194,7 @@ def _convert_resnet(m, name, tv_resnet, report, backend):
     problems = []
     if type(m).forward is not tv_resnet.forward or type(m)._forward_impl is not tv_resnet._forward_impl:
         problems.append(f"{type(m).__name__} overrides forward")
-    if _fuse._has_hooks(m):
+    if _fusability.has_hooks(m):
         problems.append("the model has hooks")
     missing = [a for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
                            "avgpool", "fc") if not isinstance(getattr(m, a, None), nn.Module)]
@@ -215,8 +215,8 @@ def _convert_resnet(m, name, tv_resnet, report, backend):
     new.num_features = _num_features(m)
     new.num_classes = m.fc.out_features if isinstance(m.fc, nn.Linear) else None
     report.converted[_label(name)] = f"{_source_name(tv_resnet)} -> fastres.models.ResNet"
-    why = (_fuse.conv_unfusable_reason(m.conv1) or _fuse.bn_unfusable_reason(m.bn1)
-           or _fuse.activation_unfusable_reason(m.relu))
+    why = (_fusability.conv_unfusable_reason(m.conv1) or _fusability.bn_unfusable_reason(m.bn1)
+           or _fusability.activation_unfusable_reason(m.relu))
     if why:
         report.unfused[_qual(name, "conv1/bn1/relu")] = why
     return new
@@ -280,3 +280,14 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = 
     if warn and (report.unconverted or not report.converted):
         warnings.warn(str(report), UserWarning, stacklevel=2)
     return result
+
+
+class _CallableModule(types.ModuleType):
+    """``fastres.convert`` is both this module and its function: ``fastres.convert(model)`` works
+    whichever of the two the package attribute holds (importing the submodule binds the module)."""
+
+    def __call__(self, model: nn.Module, **kwargs) -> nn.Module:
+        return convert(model, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
