@@ -89,6 +89,8 @@ def check_channel_vector(op: str, name: str, t, x: torch.Tensor, channels: int) 
 
 def pair(op: str, name: str, v) -> tuple:
     """Normalize an int-or-pair conv argument to a tuple of two non-negative ints."""
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
     if isinstance(v, int):
         v = (v, v)
     if (

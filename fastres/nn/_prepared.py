@@ -54,9 +54,11 @@ class PreparedCache:
 
     def __init__(self) -> None:
         self._entries: Dict[Tuple[str, str], tuple] = {}
+        self.plans: Dict[str, tuple] = {}  # slot -> (call signature, sources, impl, form, args): fastres/nn/_eval.py
 
     def clear(self) -> None:
         self._entries.clear()
+        self.plans.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,19 +67,30 @@ class PreparedCache:
         """Bytes held by the cached values (of ``kind``; all when None): the prepared copies' resident memory."""
         return sum(_nbytes(entry[3]) for (_, k), entry in self._entries.items() if kind in (None, k))
 
+    @staticmethod
+    def stamp(sources: Tuple[Optional[Tensor], ...], x: Tensor) -> Optional[tuple]:
+        """What a cached value made from ``sources`` is valid for (their data_ptr, version, dtype,
+        device, and inference mode); None when nothing may be cached (see the class docstring).
+        ``x``: the call's input (CUDA-graph capture is checked on its device)."""
+        if not _cacheable(sources, x):
+            return None
+        return tuple(
+            None if t is None else (t.data_ptr(), _version(t), t.dtype, t.device) for t in sources
+        ) + (torch.is_inference_mode_enabled(),)
+
     def get(self, slot: str, kind: str, sources: Tuple[Optional[Tensor], ...], extra: tuple,
-            make: Callable[[], Any], x: Tensor):
+            make: Callable[[], Any], x: Tensor, stamp: Any = False):
         """``make()``, or its cached value for ``(slot, kind)`` while ``sources`` and ``extra`` are unchanged.
 
         ``sources``: every parameter or buffer ``make`` reads (None for absent
         ones); ``extra``: everything else its result depends on (hashable);
-        ``x``: the call's input (CUDA-graph capture is checked on its device).
+        ``stamp``: :meth:`stamp` of ``sources`` if the caller has it.
         """
-        if not _cacheable(sources, x):
+        if stamp is False:
+            stamp = self.stamp(sources, x)
+        if stamp is None:
             return make()
-        key = tuple(
-            None if t is None else (t.data_ptr(), _version(t), t.dtype, t.device) for t in sources
-        ) + extra + (torch.is_inference_mode_enabled(),)
+        key = stamp + extra
         entry = self._entries.get((slot, kind))
         if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], sources)):
             return entry[3]
@@ -86,12 +99,14 @@ class PreparedCache:
         self._entries[(slot, kind)] = (key, sources, pins, value)
         return value
 
-    def scale_shift(self, slot: str, bn: _BatchNorm, conv_bias: Optional[Tensor], x: Tensor) -> Tuple[Tensor, Tensor]:
-        """Eval-mode ``(scale, shift)`` in ``x``'s compute dtype (fp32, fp64 for fp64)."""
+    def scale_shift(self, slot: str, bn: _BatchNorm, conv_bias: Optional[Tensor], x: Tensor,
+                    sources: Optional[tuple] = None, stamp: Any = False) -> Tuple[Tensor, Tensor]:
+        """Eval-mode ``(scale, shift)`` in ``x``'s compute dtype (fp32, fp64 for fp64); ``sources`` (with
+        its ``stamp``) may name more tensors than the BN's and the conv bias, to share one stamp."""
         ct = reference.compute_dtype(x.dtype)
-        sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
-        return self.get(slot, "scale_shift", sources, (float(bn.eps), ct), lambda: eval_scale_shift(bn, conv_bias, ct), x)
-
+        sources = sources or (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
+        return self.get(slot, "scale_shift", sources, (float(bn.eps), ct), lambda: eval_scale_shift(bn, conv_bias, ct),
+                        x, stamp)
 
     def kernel_weight(self, slot: str, weight: Tensor, dtype: torch.dtype, x: Tensor) -> Tensor:
         """The conv weight in ``dtype`` (autocast's low-precision copy), made once."""
@@ -102,15 +117,18 @@ class PreparedCache:
         return self.get(slot, "weight", (weight,), (dtype,), lambda: weight.to(dtype), x)
 
     def forms(self, slot: str, sources: Tuple[Optional[Tensor], ...], extra: tuple, source_weight: Tensor,
-              x: Tensor):
+              x: Tensor, stamp: Any = False):
         """The prepared forms of backend implementations for this conv (``fastres.ops.run_conv_bn_act``'s
         ``prepared``): ``(impl, args) -> impl.prepare(source_weight, *args)``, cached under the impl's
         name while ``sources``, ``extra`` and ``impl.form_key(*args)`` are unchanged."""
 
         def prepared(impl, args):
-            return self.get(slot, impl.name, sources, extra + impl.form_key(*args),
-                            lambda: impl.prepare(source_weight, *args), x)
+            form = self.get(slot, impl.name, sources, extra + impl.form_key(*args),
+                            lambda: impl.prepare(source_weight, *args), x, stamp)
+            prepared.used = (impl, form)
+            return form
 
+        prepared.used = None  # (impl, form) of the call, once made
         return prepared
 
 
