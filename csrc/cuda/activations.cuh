@@ -1,6 +1,6 @@
 // csrc/cuda/activations.cuh — the ONE header of device functors shared by every
-// fastres CUDA kernel (the elementwise kernels of elementwise.cu now, the fused
-// conv epilogues later).
+// fastres CUDA kernel (the elementwise kernels of elementwise.cu and the fused
+// conv epilogue of conv_bn_act.cuh).
 //
 // It holds:
 //   * `Activation`, parsed once on the host from the op's `str activation`
@@ -12,7 +12,10 @@
 //     double for double (fastres/reference.py `compute_dtype`);
 //   * `mul_rn` / `add_rn`: one IEEE-rounded multiply / add that the compiler may
 //     not fuse into an FMA, so that `x * scale + shift` rounds twice exactly as
-//     the two PyTorch ops of the reference (`x * scale` then `+ shift`) do.
+//     the two PyTorch ops of the reference (`x * scale` then `+ shift`) do;
+//   * `AffineEpilogue`: the epilogue of every elementwise kernel on VEC
+//     elements, z = x * scale[c] + shift[c] (+ residual), y = act(z), and its
+//     backward gz = g * act'(z).
 //
 // Formulas (z and g in the compute type; fastres/reference.py is the truth):
 //   relu:      act(z) = z > 0 ? z : (z != z ? z : 0)          torch.relu (NaN propagates)
@@ -208,5 +211,95 @@ template <int VEC, typename scalar_t>
 C10_DEVICE inline void store_vec(scalar_t* p, const Vec<scalar_t, VEC>& v) {
   *reinterpret_cast<Vec<scalar_t, VEC>*>(p) = v;
 }
+
+// ---------------------------------------------------------------------------
+// The elementwise epilogue: VEC elements of one memory vector, each with its
+// channel's (scale, shift) (VEC consecutive channels in NHWC, one channel in
+// NCHW):
+//   z  = x * scale + shift (+ residual)    rounded after each op (the reference)
+//   y  = act(z)
+//   gz = g * act'(z)
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t, int VEC>
+struct AffineEpilogue {
+  using acc_t = acc_type<scalar_t>;
+  acc_t scale[VEC];
+  acc_t shift[VEC];
+
+  // VEC consecutive channels c0 .. c0 + VEC - 1 (channels innermost).
+  C10_DEVICE static AffineEpilogue channels(const acc_t* scale, const acc_t* shift, int64_t c0) {
+    AffineEpilogue e;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      e.scale[k] = scale[c0 + k];
+      e.shift[k] = shift[c0 + k];
+    }
+    return e;
+  }
+
+  // Channel c for all VEC elements (a vector inside one (n, c) plane).
+  C10_DEVICE static AffineEpilogue channel(const acc_t* scale, const acc_t* shift, int64_t c) {
+    AffineEpilogue e;
+    const acc_t s = scale[c], b = shift[c];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      e.scale[k] = s;
+      e.shift[k] = b;
+    }
+    return e;
+  }
+
+  // Loads x at `off` into xa (compute type) and sets z = x * scale + shift,
+  // plus residual[off] when `residual` is non-null.
+  C10_DEVICE void affine(const scalar_t* x, const scalar_t* residual, int64_t off, acc_t (&xa)[VEC],
+                         acc_t (&z)[VEC]) const {
+    const Vec<scalar_t, VEC> xv = load_vec<VEC>(x + off);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      xa[k] = static_cast<acc_t>(xv.val[k]);
+      z[k] = add_rn(mul_rn(xa[k], scale[k]), shift[k]);
+    }
+    if (residual != nullptr) {
+      const Vec<scalar_t, VEC> rv = load_vec<VEC>(residual + off);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] = add_rn(z[k], static_cast<acc_t>(rv.val[k]));
+    }
+  }
+
+  // y[off] = act(x * scale + shift (+ residual)), rounded once to scalar_t.
+  template <Activation ACT>
+  C10_DEVICE void forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t off) const {
+    acc_t xa[VEC], z[VEC];
+    affine(x, residual, off, xa, z);
+    Vec<scalar_t, VEC> yv;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) yv.val[k] = static_cast<scalar_t>(act_forward<ACT>(z[k]));
+    store_vec<VEC>(y + off, yv);
+  }
+
+  // The backward of `forward` at `off`: gz = grad * act'(z) in the compute
+  // type (returned with x, for the caller's scale/shift reductions);
+  // grad_x = gz * scale; grad_z = gz and y_out = act(z) where non-null.
+  template <Activation ACT>
+  C10_DEVICE void backward(const scalar_t* grad, const scalar_t* x, const scalar_t* residual, scalar_t* grad_x,
+                           scalar_t* grad_z, scalar_t* y_out, int64_t off, acc_t (&xa)[VEC],
+                           acc_t (&gz)[VEC]) const {
+    acc_t z[VEC];
+    affine(x, residual, off, xa, z);
+    const Vec<scalar_t, VEC> gv = load_vec<VEC>(grad + off);
+    Vec<scalar_t, VEC> gxv, gzv, yv;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      gz[k] = act_backward<ACT>(z[k], static_cast<acc_t>(gv.val[k]));
+      gxv.val[k] = static_cast<scalar_t>(gz[k] * scale[k]);
+      gzv.val[k] = static_cast<scalar_t>(gz[k]);
+      yv.val[k] = static_cast<scalar_t>(act_forward<ACT>(z[k]));
+    }
+    store_vec<VEC>(grad_x + off, gxv);
+    if (grad_z != nullptr) store_vec<VEC>(grad_z + off, gzv);
+    if (y_out != nullptr) store_vec<VEC>(y_out + off, yv);
+  }
+};
 
 }  // namespace fastres

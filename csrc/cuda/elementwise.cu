@@ -14,8 +14,8 @@
 // They replace `torch.relu(x + residual)` (the end of every ResNet block),
 // `torch.relu(bn(x) (+ residual))` with an eval-mode BatchNorm folded into fp32
 // (scale, shift) (fastres.ops.bn_scale_shift), and the autograd backward of both.
-// fastres/reference.py is the ground truth; the activations and their
-// derivatives are in activations.cuh.
+// fastres/reference.py is the ground truth; the epilogue (affine, residual,
+// activation and its derivative) is activations.cuh's AffineEpilogue.
 //
 // Numerics: the compute type is float for float/half/bfloat16 and double for
 // double; inputs are converted on load and every output is rounded once on
@@ -77,13 +77,6 @@ constexpr int64_t kInt32IndexLimit = int64_t(1) << 30;
 template <typename T>
 C10_HOST_DEVICE inline T min_of(T a, T b) {
   return a < b ? a : b;
-}
-
-// z = x * scale + shift, rounded after the multiply and after the add, as the
-// reference computes `x.to(ct) * scale + shift` with two PyTorch ops.
-template <typename acc_t>
-C10_DEVICE inline acc_t bn_affine(acc_t x, acc_t scale, acc_t shift) {
-  return add_rn(mul_rn(x, scale), shift);
 }
 
 // ===========================================================================
@@ -155,34 +148,15 @@ __global__ void bn_act_nhwc_kernel(const scalar_t* __restrict__ x, const acc_typ
                                    const acc_type<scalar_t>* __restrict__ shift,
                                    const scalar_t* __restrict__ residual,  // nullable
                                    scalar_t* __restrict__ y, int64_t rows, int64_t C, int64_t rows_per_chunk) {
-  using acc_t = acc_type<scalar_t>;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
   const int64_t row_end = min_of(rows, row_begin + rows_per_chunk);
   const int64_t block_channels = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t cb = blockIdx.x; cb * block_channels < C; cb += gridDim.x) {
     const int64_t c0 = cb * block_channels + static_cast<int64_t>(threadIdx.x) * VEC;
     if (c0 >= C) continue;
-    acc_t s[VEC], b[VEC];
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      s[k] = scale[c0 + k];
-      b[k] = shift[c0 + k];
-    }
+    const auto epilogue = AffineEpilogue<scalar_t, VEC>::channels(scale, shift, c0);
     for (int64_t row = row_begin + threadIdx.y; row < row_end; row += blockDim.y) {
-      const int64_t off = row * C + c0;
-      const Vec<scalar_t, VEC> xv = load_vec<VEC>(x + off);
-      acc_t z[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] = bn_affine(static_cast<acc_t>(xv.val[k]), s[k], b[k]);
-      if (residual != nullptr) {
-        const Vec<scalar_t, VEC> rv = load_vec<VEC>(residual + off);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) z[k] = add_rn(z[k], static_cast<acc_t>(rv.val[k]));
-      }
-      Vec<scalar_t, VEC> yv;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) yv.val[k] = static_cast<scalar_t>(act_forward<ACT>(z[k]));
-      store_vec<VEC>(y + off, yv);
+      epilogue.template forward<ACT>(x, residual, y, row * C + c0);
     }
   }
 }
@@ -198,31 +172,16 @@ __global__ void bn_act_nchw_kernel(const scalar_t* __restrict__ x, const acc_typ
                                    const scalar_t* __restrict__ residual,  // nullable
                                    scalar_t* __restrict__ y, index_t C, index_t HW, index_t M, index_t chunk,
                                    index_t parts) {
-  using acc_t = acc_type<scalar_t>;
   const index_t items = C * parts;
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t c = item / parts;
     const index_t part = item - c * parts;
-    const acc_t s = scale[c];
-    const acc_t b = shift[c];
+    const auto epilogue = AffineEpilogue<scalar_t, VEC>::channel(scale, shift, c);
     const index_t j_end = min_of(M, (part + 1) * chunk);
     for (index_t j = part * chunk + static_cast<index_t>(threadIdx.x) * VEC; j < j_end;
          j += static_cast<index_t>(blockDim.x) * VEC) {
       const index_t n = j / HW;
-      const index_t off = (n * C + c) * HW + (j - n * HW);
-      const Vec<scalar_t, VEC> xv = load_vec<VEC>(x + off);
-      acc_t z[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] = bn_affine(static_cast<acc_t>(xv.val[k]), s, b);
-      if (residual != nullptr) {
-        const Vec<scalar_t, VEC> rv = load_vec<VEC>(residual + off);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) z[k] = add_rn(z[k], static_cast<acc_t>(rv.val[k]));
-      }
-      Vec<scalar_t, VEC> yv;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) yv.val[k] = static_cast<scalar_t>(act_forward<ACT>(z[k]));
-      store_vec<VEC>(y + off, yv);
+      epilogue.template forward<ACT>(x, residual, y, (n * C + c) * HW + (j - n * HW));
     }
   }
 }
@@ -274,40 +233,15 @@ __global__ void bn_act_backward_nhwc_kernel(
 #pragma unroll
     for (int k = 0; k < VEC; ++k) sum_gzx[k] = sum_gz[k] = acc_t(0);
     if (active) {
-      acc_t s[VEC], b[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        s[k] = scale[c0 + k];
-        b[k] = shift[c0 + k];
-      }
+      const auto epilogue = AffineEpilogue<scalar_t, VEC>::channels(scale, shift, c0);
       for (int64_t row = row_begin + threadIdx.y; row < row_end; row += blockDim.y) {
-        const int64_t off = row * C + c0;
-        const Vec<scalar_t, VEC> xv = load_vec<VEC>(x + off);
-        const Vec<scalar_t, VEC> gv = load_vec<VEC>(grad + off);
-        acc_t xa[VEC], z[VEC];
+        acc_t xa[VEC], gz[VEC];
+        epilogue.template backward<ACT>(grad, x, residual, grad_x, grad_z, y_out, row * C + c0, xa, gz);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          xa[k] = static_cast<acc_t>(xv.val[k]);
-          z[k] = bn_affine(xa[k], s[k], b[k]);
+          sum_gz[k] += gz[k];
+          sum_gzx[k] += gz[k] * xa[k];
         }
-        if (residual != nullptr) {
-          const Vec<scalar_t, VEC> rv = load_vec<VEC>(residual + off);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) z[k] = add_rn(z[k], static_cast<acc_t>(rv.val[k]));
-        }
-        Vec<scalar_t, VEC> gxv, gzv, yv;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const acc_t gz = act_backward<ACT>(z[k], static_cast<acc_t>(gv.val[k]));
-          gxv.val[k] = static_cast<scalar_t>(gz * s[k]);
-          gzv.val[k] = static_cast<scalar_t>(gz);
-          yv.val[k] = static_cast<scalar_t>(act_forward<ACT>(z[k]));
-          sum_gz[k] += gz;
-          sum_gzx[k] += gz * xa[k];
-        }
-        store_vec<VEC>(grad_x + off, gxv);
-        if (grad_z != nullptr) store_vec<VEC>(grad_z + off, gzv);
-        if (y_out != nullptr) store_vec<VEC>(y_out + off, yv);
       }
     }
     // Reduce over threadIdx.y.
@@ -364,40 +298,20 @@ __global__ void bn_act_backward_nchw_kernel(
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform across the block
     const index_t c = item / parts;
     const index_t part = item - c * parts;
-    const acc_t s = scale[c];
-    const acc_t b = shift[c];
+    const auto epilogue = AffineEpilogue<scalar_t, VEC>::channel(scale, shift, c);
     acc_t sum_gzx = acc_t(0), sum_gz = acc_t(0);
     const index_t j_end = min_of(M, (part + 1) * chunk);
     for (index_t j = part * chunk + static_cast<index_t>(tid) * VEC; j < j_end;
          j += static_cast<index_t>(blockDim.x) * VEC) {
       const index_t n = j / HW;
-      const index_t off = (n * C + c) * HW + (j - n * HW);
-      const Vec<scalar_t, VEC> xv = load_vec<VEC>(x + off);
-      const Vec<scalar_t, VEC> gv = load_vec<VEC>(grad + off);
-      acc_t xa[VEC], z[VEC];
+      acc_t xa[VEC], gz[VEC];
+      epilogue.template backward<ACT>(grad, x, residual, grad_x, grad_z, y_out, (n * C + c) * HW + (j - n * HW), xa,
+                                      gz);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        xa[k] = static_cast<acc_t>(xv.val[k]);
-        z[k] = bn_affine(xa[k], s, b);
+        sum_gz += gz[k];
+        sum_gzx += gz[k] * xa[k];
       }
-      if (residual != nullptr) {
-        const Vec<scalar_t, VEC> rv = load_vec<VEC>(residual + off);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) z[k] = add_rn(z[k], static_cast<acc_t>(rv.val[k]));
-      }
-      Vec<scalar_t, VEC> gxv, gzv, yv;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t gz = act_backward<ACT>(z[k], static_cast<acc_t>(gv.val[k]));
-        gxv.val[k] = static_cast<scalar_t>(gz * s);
-        gzv.val[k] = static_cast<scalar_t>(gz);
-        yv.val[k] = static_cast<scalar_t>(act_forward<ACT>(z[k]));
-        sum_gz += gz;
-        sum_gzx += gz * xa[k];
-      }
-      store_vec<VEC>(grad_x + off, gxv);
-      if (grad_z != nullptr) store_vec<VEC>(grad_z + off, gzv);
-      if (y_out != nullptr) store_vec<VEC>(y_out + off, yv);
     }
     sh_scale[tid] = sum_gzx;
     sh_shift[tid] = sum_gz;
