@@ -142,6 +142,9 @@ TARGET_COLUMNS: List[Column] = [
     ("status", "status", _fmt("{}")),
 ]
 
+# A target's "source": which definition in docs/benchmarks.md (Targets) it checks.
+CPU_GOAL = "CPU goal"
+
 # rel-L2 of fastres's logits may be at most this multiple of torchvision's in the same
 # dtype and layout, or the floor (fp32 rows on a GPU use TF32 convolutions, PyTorch's default).
 ERROR_FACTOR = 2.0
@@ -201,7 +204,7 @@ def _accuracy_target(rows: List[dict], suite: str) -> Optional[dict]:
 
 
 def evaluate_targets(result: dict) -> List[dict]:
-    """The issue's targets (CPU), the accuracy gate, and (GPU) the project's speed goals."""
+    """The CPU speed targets, the accuracy gate, and the GPU speed goals (docs/benchmarks.md, Targets)."""
     rows = result.get("rows", [])
     device_type = (result.get("environment") or {}).get("device_type")
     models = [r for r in rows if r.get("suite") == "models"]
@@ -211,10 +214,10 @@ def evaluate_targets(result: dict) -> List[dict]:
         models = [r for r in models if r.get("image_size", 224) == 224]
         fast = _find(models, arch="resnet50", batch=8, provider="fastres-torch", dtype="float32")
         out.append(_ratio_target(
-            "CPU: ResNet-50 eval, batch 8, fastres vs torchvision eager NCHW", ">= 1.40x", "issue", fast,
+            "CPU: ResNet-50 eval, batch 8, fastres vs torchvision eager NCHW", ">= 1.40x", CPU_GOAL, fast,
             _find(models, arch="resnet50", batch=8, provider="tv-eager", dtype="float32", layout="nchw"), 1.4))
         out.append(_ratio_target(
-            "CPU: ResNet-50 eval, batch 8, fastres vs torchvision channels_last + fx fuse", ">= 1.00x", "issue", fast,
+            "CPU: ResNet-50 eval, batch 8, fastres vs torchvision channels_last + fx fuse", ">= 1.00x", CPU_GOAL, fast,
             _find(models, arch="resnet50", batch=8, provider="tv-fx-fuse", dtype="float32"), 1.0))
         out += _cpu_prepared_targets(models, host)
     for suite in ("models", "train"):
@@ -227,7 +230,7 @@ def evaluate_targets(result: dict) -> List[dict]:
 
 
 def _cpu_prepared_targets(models: List[dict], host: List[dict]) -> List[dict]:
-    """Issue 13's CPU targets: ResNet-50 fastres (no compile step) against torch.compile with
+    """The prepared-weight CPU targets: ResNet-50 fastres (no compile step) against torch.compile with
     freezing and torchvision channels_last eager per dtype and batch, the host overhead, accuracy."""
     out = []
     for dtype in ("float32", "bfloat16"):
@@ -237,7 +240,7 @@ def _cpu_prepared_targets(models: List[dict], host: List[dict]) -> List[dict]:
                 continue
             for base, label in (("tv-compile-freezing", "torch.compile(freezing)"), ("tv-eager", "torchvision CL eager")):
                 out.append(_ratio_target(
-                    f"CPU: ResNet-50 eval {dtype} batch {batch}, fastres vs {label}", ">= 1.00x", "issue 13", fast,
+                    f"CPU: ResNet-50 eval {dtype} batch {batch}, fastres vs {label}", ">= 1.00x", CPU_GOAL, fast,
                     _find(models, arch="resnet50", batch=batch, provider=base, dtype=dtype, layout="channels_last"),
                     1.0))
             tv = _find(models, arch="resnet50", batch=batch, provider="tv-eager", dtype=dtype, layout="channels_last")
@@ -246,24 +249,24 @@ def _cpu_prepared_targets(models: List[dict], host: List[dict]) -> List[dict]:
                 out.append({"name": f"CPU: ResNet-50 {dtype} batch {batch} logits error vs torchvision's",
                             "goal": "<= 1.5x", "value": f"{ratio:.2f}x ({fast['rel_l2_err']:.2e} vs "
                             f"{tv['rel_l2_err']:.2e} rel-L2)", "ratio": ratio,
-                            "status": "met" if ratio <= 1.5 else "NOT met", "source": "issue 13"})
+                            "status": "met" if ratio <= 1.5 else "NOT met", "source": CPU_GOAL})
             elif dtype == "float32":
                 err = fast["rel_l2_err"]
                 out.append({"name": f"CPU: ResNet-50 fp32 batch {batch} logits rel-L2 error", "goal": "< 1e-4",
                             "value": f"{err:.2e}", "status": "met" if err < 1e-4 else "NOT met",
-                            "source": "issue 13"})
+                            "source": CPU_GOAL})
     for dtype in ("float32", "bfloat16"):
         fast = _find(host, arch="resnet50", provider="fastres-torch", dtype=dtype)
         if fast is not None:  # time <= 1.1x torchvision's, i.e. throughput >= 1/1.1
             out.append(_ratio_target(
                 f"CPU: host overhead, ResNet-50 1x3x16x16 {dtype}, fastres time vs torchvision CL eager",
-                "<= 1.10x time (>= 0.91x img/s)", "issue 13", fast,
+                "<= 1.10x time (>= 0.91x img/s)", CPU_GOAL, fast,
                 _find(host, arch="resnet50", provider="tv-eager", dtype=dtype), 1 / 1.1))
     return out
 
 
 def _gpu_goals(rows: List[dict]) -> List[dict]:
-    """Speed goals the project sets itself on a GPU (the issue sets no number): fastres at
+    """The GPU speed goals: fastres at
     least as fast as the matching stock PyTorch provider, same dtype and layout, ResNet-50."""
     out = []
     pairs = [("models", "fastres eager (best backend)", None, "tv-eager"),
