@@ -13,8 +13,8 @@ which equals the reference's ``act(conv2d(x, weight) * scale[k] + shift[k] (+ re
 up to the rounding of the folded weight (once, to the compute dtype) and of the
 output (once, from oneDNN's fp32 accumulator with the post-ops applied to it).
 
-:func:`prepare` makes that weight (and prepacks it into oneDNN's blocked
-layout for channels_last outputs); ``fastres.nn`` modules cache it per conv
+:func:`prepare` makes that weight (for channels_last outputs prepacked into
+oneDNN's blocked layout, per input size: :class:`Prepared`); ``fastres.nn`` modules cache it per conv
 (``fastres/nn/_prepared.py``), the functional ``fastres.ops.conv_bn_act``
 prepares per call. :func:`run` is the call. The ``"torch"`` backend registers
 this path with its conditions (``fastres/_backends/torch_backend.py``).
@@ -40,7 +40,8 @@ that fallback rounds the conv output before the add (two roundings).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections import OrderedDict
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -92,19 +93,74 @@ def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, 
     return None
 
 
-class Prepared(NamedTuple):
-    """A conv's BN-folded oneDNN weight and bias, for inputs like the one it was prepared for."""
+# Packed weights kept per conv, one per input geometry (N, H, W), least recently used dropped.
+MAX_PACKED_GEOMETRIES = 4
 
-    weight: Tensor  # weight * scale (fp32 math), rounded once to `dtype`; prepacked when `channels_last`
-    bias: Tensor  # shift, fp32
-    bias_binary: Tensor  # shift in `dtype` (the binary post-op needs the input's dtype)
-    dtype: torch.dtype  # compute dtype
-    channels_last: bool  # output format (F.conv2d's rule for the original x and weight)
-    conv: tuple  # (padding, stride, dilation, groups) as oneDNN's ops take them
+
+class Prepared:
+    """A conv's BN-folded oneDNN weight and bias, for inputs of one dtype and output format.
+
+    oneDNN picks its kernel and the weight's blocked layout for the input's size,
+    and a weight packed for one size costs a reorder on every call of another (a
+    ResNet-50 first called at 16x16 then ran about 2x slower at 224x224). So the
+    packed weight is kept per input geometry ``(N, H, W)``: the first geometry is
+    packed at once; a later new one runs on the dense folded weight (which oneDNN
+    reorders per call, as stock ``F.conv2d`` does with its weight) until it comes
+    a second time, then gets its own packed copy, at most
+    :data:`MAX_PACKED_GEOMETRIES` of them. Memory: one folded copy of the weight
+    for a model fed one size; one more per further repeated size, and one dense
+    copy once a second size is seen.
+    """
+
+    def __init__(self, source: Tensor, scale: Tensor, bias: Tensor, dtype: torch.dtype, channels_last: bool,
+                 conv: tuple, pack: bool) -> None:
+        self._source, self._scale = source, scale  # the conv weight and BN scale (valid while the cache entry is)
+        self.bias = bias  # shift, fp32
+        self.bias_binary = bias if dtype == torch.float32 else bias.to(dtype)  # the binary post-op's dtype
+        self.dtype = dtype  # compute dtype
+        self.channels_last = channels_last  # output format (F.conv2d's rule for the original x and weight)
+        self.conv = conv  # (padding, stride, dilation, groups) as oneDNN's ops take them
+        self.pack = pack and channels_last  # oneDNN's PyTorch binding prepacks only for channels_last
+        self.packed: "OrderedDict[tuple, Tensor]" = OrderedDict()  # geometry -> packed weight
+        self._dense: Optional[Tensor] = None
+        self._seen: set = set()  # geometries run once on the dense weight
+
+    def _folded(self) -> Tensor:
+        """weight * scale in fp32, rounded once to the compute dtype, in the output's format."""
+        folded = (self._source.float() * self._scale.float().view(-1, 1, 1, 1)).to(self.dtype)
+        return folded.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def dense(self) -> Tensor:
+        if self._dense is None:
+            self._dense = self._folded()
+        return self._dense
+
+    def weight(self, x: Tensor) -> Tensor:
+        """The weight for input ``x``: packed for its geometry, or dense (see the class docstring)."""
+        if not self.pack:
+            return self.dense()
+        geometry = (x.shape[0], x.shape[2], x.shape[3])
+        w = self.packed.get(geometry)
+        if w is not None:
+            self.packed.move_to_end(geometry)
+            return w
+        if self.packed and geometry not in self._seen:
+            self._seen.add(geometry)
+            return self.dense()
+        self._seen.discard(geometry)
+        padding, stride, dilation, groups = self.conv
+        dense = self._dense if self._dense is not None else self._folded()
+        w = torch.ops.mkldnn._reorder_convolution_weight(dense, padding, stride, dilation, groups, list(x.shape))
+        self.packed[geometry] = w
+        if len(self.packed) > MAX_PACKED_GEOMETRIES:
+            self.packed.popitem(last=False)
+        return w
 
     def nbytes(self) -> int:
-        """Bytes of this prepared copy (the prepacked weight counted at its dense size)."""
-        return self.weight.numel() * self.weight.element_size() + 4 * self.bias.numel() + (
+        """Bytes of the copies held (a packed weight counted at its dense size)."""
+        w = self._source
+        copies = len(self.packed) + (self._dense is not None)
+        return copies * w.numel() * torch.empty((), dtype=self.dtype).element_size() + 4 * self.bias.numel() + (
             0 if self.bias_binary is self.bias else self.bias_binary.numel() * self.bias_binary.element_size()
         )
 
@@ -113,7 +169,7 @@ def prepare(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, *, pack: bool = True,
 ) -> Prepared:
-    """The folded weight for inputs like ``x`` (its dtype, memory format; its size is a hint).
+    """The folded weight for inputs like ``x`` (its dtype and memory format), packed for ``x``'s size.
 
     ``weight`` may be of any floating dtype (a module's fp32 weight under
     autocast: folded in fp32 before the one rounding). ``pack=False`` keeps
@@ -121,19 +177,10 @@ def prepare(
     """
     dtype = _COMPUTE[x.dtype]
     channels_last = _layout.conv_out_channels_last(x, weight)
-    folded = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(dtype)
-    if channels_last and pack:
-        folded = torch.ops.mkldnn._reorder_convolution_weight(
-            folded.contiguous(memory_format=torch.channels_last), list(padding), list(stride), list(dilation),
-            groups, list(x.shape),
-        )
-    elif channels_last:
-        folded = folded.contiguous(memory_format=torch.channels_last)
-    else:
-        folded = folded.contiguous()
-    bias = shift.float().contiguous()
     conv = (list(padding), list(stride), list(dilation), groups)
-    return Prepared(folded, bias, bias if dtype == torch.float32 else bias.to(dtype), dtype, channels_last, conv)
+    p = Prepared(weight, scale, shift.float().contiguous(), dtype, channels_last, conv, pack)
+    p.weight(x)
+    return p
 
 
 def run(p: Prepared, x: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
@@ -148,17 +195,18 @@ def run(p: Prepared, x: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
     elif not x.is_contiguous():
         x = x.contiguous()
     args = p.conv
+    weight = p.weight(x)
     if residual is None:
-        y = torch.ops.mkldnn._convolution_pointwise(x, p.weight, p.bias, *args, _POST_OP[act], [], "")
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, p.bias, *args, _POST_OP[act], [], "")
         return y if y.dtype == out_dtype else y.to(out_dtype)
     if (p.dtype == torch.float32 or (p.channels_last and args[3] == 1)) and residual.shape[2] * residual.shape[3] > 1:
         r = residual.to(p.dtype)
         r = r.contiguous(memory_format=torch.channels_last if p.channels_last else torch.contiguous_format)
         y = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, r, p.weight, p.bias_binary, *args, "add", None, _POST_BINARY_OP[act], [], None
+            x, r, weight, p.bias_binary, *args, "add", None, _POST_BINARY_OP[act], [], None
         )
         return y if y.dtype == out_dtype else y.to(out_dtype)
-    y = torch.ops.mkldnn._convolution_pointwise(x, p.weight, p.bias, *args, "none", [], "")
+    y = torch.ops.mkldnn._convolution_pointwise(x, weight, p.bias, *args, "none", [], "")
     return reference.add_act(y.float(), residual, act).to(out_dtype)
 
 

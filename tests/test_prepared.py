@@ -249,3 +249,64 @@ def test_resnet_with_one_pixel_layer4(dtype):
         with torch.no_grad():
             err = max_rel_err(fr(x.to(dtype).contiguous(memory_format=CL)), tv(x))
         assert err < (1e-5 if dtype == torch.float32 else 5e-2), err
+
+
+def _onednn_forms(model):
+    return [e[3] for m in fastres.nn.modules.fused_modules(model)
+            for (_, kind), e in m._fastres_cache._entries.items() if kind == "onednn"]
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prepacked_weight_follows_the_input_size(dtype, monkeypatch):
+    """A model warmed up on one size then fed another runs the second on weights packed for the
+    second (oneDNN packs for an input size): a size seen once runs on the dense folded weight, a
+    repeated one gets its own packed copy, and every call's output is the fresh model's."""
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet18()).eval().to(dtype)
+    model = fastres.convert(copy.deepcopy(tv)).to(memory_format=CL)
+    fresh = fastres.convert(copy.deepcopy(tv)).to(memory_format=CL)
+    small = torch.randn(1, 3, 16, 16, dtype=dtype).contiguous(memory_format=CL)
+    big = torch.randn(2, 3, 64, 64, dtype=dtype).contiguous(memory_format=CL)
+    used = []
+    monkeypatch.setattr(_onednn.Prepared, "weight",
+                        lambda self, x, f=_onednn.Prepared.weight: used.append((self, tuple(x.shape), f(self, x)))
+                        or used[-1][2])
+    with torch.inference_mode():
+        model(small)
+        forms = _onednn_forms(model)
+        assert forms and all(len(p.packed) == 1 for p in forms if p.pack)
+        assert list(forms[0].packed) == [(1, 16, 16)]  # the stem, packed for its input
+        expected = fresh(big)
+        for call in range(3):
+            used.clear()
+            out = model(big)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+            for p, shape, w in used:
+                if not p.pack:
+                    continue
+                geometry = (shape[0], shape[2], shape[3])
+                if call == 0 and any(p is q for q in forms):  # a second size, first seen: the dense weight
+                    assert w is p.dense() and geometry not in p.packed
+                else:  # packed for this size (a form made for it packs its first size at once)
+                    assert p.packed[geometry] is w
+        warmed = [p for p in _onednn_forms(model) if any(p is q for q in forms) and p.pack]
+        assert warmed and all(len(p.packed) == 2 for p in warmed)
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+def test_packed_geometries_are_bounded():
+    """At most MAX_PACKED_GEOMETRIES packed weights per conv, the least recently used dropped."""
+    conv = randomize_bn(ConvBNAct(8, 8, 3)).eval().to(memory_format=CL)
+    limit = _onednn.MAX_PACKED_GEOMETRIES
+    sizes = [4 + i for i in range(limit + 2)]
+    with torch.inference_mode():
+        for size in sizes:
+            x = torch.randn(1, 8, size, size).contiguous(memory_format=CL)
+            expected = torch.relu(conv.bn(conv.conv(x)))
+            for _ in range(2):
+                torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+        (p,) = _onednn_forms(conv)
+        assert list(p.packed) == [(1, s, s) for s in sizes[-limit:]]
+        weight = conv.conv.weight
+        assert p.nbytes() <= (limit + 1) * weight.numel() * 4 + 8 * 8
