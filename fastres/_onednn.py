@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastres import _layout, reference
+from fastres import _conv, _layout, reference
 from fastres._tracing import is_tracing
 
 _POST_OP = {"relu": "relu", "silu": "swish", "identity": "none"}
@@ -113,12 +113,13 @@ class Prepared:
     """
 
     def __init__(self, source: Tensor, scale: Tensor, bias: Tensor, dtype: torch.dtype, channels_last: bool,
-                 conv: tuple, pack: bool) -> None:
+                 conv: tuple, pack: bool, restride: bool) -> None:
         self._source, self._scale = source, scale  # the conv weight and BN scale (valid while the cache entry is)
         self.bias = bias  # shift, fp32
         self.bias_binary = bias if dtype == torch.float32 else bias.to(dtype)  # the binary post-op's dtype
         self.dtype = dtype  # compute dtype
-        self.channels_last = channels_last  # output format (F.conv2d's rule for the original x and weight)
+        self.channels_last = channels_last  # run channels_last (output_route)
+        self.restride = restride  # a 1x1 output returned with NCHW strides (output_route)
         self.conv = conv  # (padding, stride, dilation, groups) as oneDNN's ops take them
         self.pack = pack and channels_last  # oneDNN's PyTorch binding prepacks only for channels_last
         self.packed: "OrderedDict[tuple, Tensor]" = OrderedDict()  # geometry -> packed weight
@@ -165,6 +166,20 @@ class Prepared:
         )
 
 
+def output_route(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int]) -> tuple:
+    """``(channels_last, restride)``: whether the conv runs as channels_last (the packed-weight
+    path) and whether its output then gets F.conv2d's NCHW strides. A 1x1 output is stored the
+    same in both formats, so it always takes the packed path (an NCHW conv runs its dense weight,
+    reordered per call, which on layer4 of a small input is several times slower); only its
+    strides are F.conv2d's."""
+    channels_last = _layout.conv_out_channels_last(x, weight)
+    _, _, p, q = _conv.out_shape(x.shape, weight.shape, stride, padding, dilation)
+    if channels_last or p * q != 1:
+        return channels_last, False
+    return True, True
+
+
 def prepare(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, *, pack: bool = True,
@@ -176,9 +191,9 @@ def prepare(
     the weight dense (one-off calls: oneDNN reorders it itself).
     """
     dtype = _COMPUTE[x.dtype]
-    channels_last = _layout.conv_out_channels_last(x, weight)
+    channels_last, restride = output_route(x, weight, stride, padding, dilation)
     conv = (list(padding), list(stride), list(dilation), groups)
-    p = Prepared(weight, scale, shift.float().contiguous(), dtype, channels_last, conv, pack)
+    p = Prepared(weight, scale, shift.float().contiguous(), dtype, channels_last, conv, pack, restride)
     p.weight(x)
     return p
 
@@ -198,17 +213,20 @@ def run(p: Prepared, x: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
     weight = p.weight(x)
     if residual is None:
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, p.bias, *args, _POST_OP[act], [], "")
-        return y if y.dtype == out_dtype else y.to(out_dtype)
-    if (p.dtype == torch.float32 or (p.channels_last and args[3] == 1)) and residual.shape[2] * residual.shape[3] > 1:
+    elif (p.dtype == torch.float32 or (p.channels_last and args[3] == 1)) and residual.shape[2] * residual.shape[3] > 1:
         r = residual.to(p.dtype)
         r = r.contiguous(memory_format=torch.channels_last if p.channels_last else torch.contiguous_format)
         y = torch.ops.mkldnn._convolution_pointwise.binary(
             x, r, weight, p.bias_binary, *args, "add", None, _POST_BINARY_OP[act], [], None
         )
-        return y if y.dtype == out_dtype else y.to(out_dtype)
-    y = torch.ops.mkldnn._convolution_pointwise(x, weight, p.bias, *args, "none", [], "")
-    return reference.add_act(y.float(), residual, act).to(out_dtype)
-
+    else:
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, p.bias, *args, "none", [], "")
+        y = reference.add_act(y.float(), residual, act)
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    if p.restride:  # a 1x1 output: the same memory, F.conv2d's NCHW strides
+        y = y.as_strided(y.shape, (y.shape[1], 1, 1, 1))
+    return y
 
 def conv_bn_act(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],

@@ -310,3 +310,21 @@ def test_packed_geometries_are_bounded():
         assert list(p.packed) == [(1, s, s) for s in sizes[-limit:]]
         weight = conv.conv.weight
         assert p.nbytes() <= (limit + 1) * weight.numel() * 4 + 8 * 8
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_one_pixel_output_takes_the_packed_path_with_nchw_strides(dtype, batch):
+    """An NCHW conv with a 1x1 output (layer3-4 of a small input) runs on a packed weight, as a
+    channels_last one would (the same memory), and returns F.conv2d's strides and values."""
+    torch.manual_seed(0)
+    m = randomize_bn(ConvBNAct(16, 32, 3)).eval().to(dtype)
+    x = torch.randn(batch, 16, 1, 1, dtype=dtype)
+    with torch.inference_mode():
+        out = m(x)
+        expected = torch.relu(m.bn(m.conv(x)))
+        (p,) = _onednn_forms(m)
+    assert p.channels_last and list(p.packed) == [(batch, 1, 1)]
+    assert out.stride() == expected.stride() == (32, 1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5)

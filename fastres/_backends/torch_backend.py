@@ -73,7 +73,8 @@ def _onednn_run(form, x, weight, scale, shift, residual, stride, padding, dilati
 
 
 def _onednn_form_key(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
-    return (x.dtype, _layout.suggests_channels_last(x), tuple(stride), tuple(padding), tuple(dilation), groups)
+    return (x.dtype, _layout.suggests_channels_last(x), _onednn.output_route(x, weight, stride, padding, dilation),
+            tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
 BACKEND = Backend(
