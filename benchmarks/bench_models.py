@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.saved import saved_bytes
-from benchmarks.timing import bench_interleaved, synchronize, time_iterations
+from benchmarks.timing import bench_interleaved, order_check, synchronize, time_iterations
 from fastres import tune
 
 MiB = 2 ** 20
@@ -318,6 +318,26 @@ class _Prepared:
     saved_bytes: Optional[int] = None  # training: bytes saved for backward by the first step's forward
 
 
+def onnxruntime_options():
+    """ONNX Runtime session options that leave the cores alone between calls: its intra-op
+    threads spin after each run by default, taking the cores from whatever runs next (here,
+    the next provider's timing); the same thread count as PyTorch's."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+# OpenVINO's CPU plugin: one inference at a time on PyTorch's threads (INFERENCE_NUM_THREADS,
+# set per call), not pinned to cores, so that it leaves the cores as PyTorch's providers do.
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+
+
 def _setup_engine(p: ModelProvider, base: nn.Module, x: torch.Tensor) -> _Prepared:
     """An ONNX Runtime or OpenVINO CPU model of the torchvision model; ``first_call_s`` is the
     export/conversion, the engine's compilation and the first call."""
@@ -331,7 +351,8 @@ def _setup_engine(p: ModelProvider, base: nn.Module, x: torch.Tensor) -> _Prepar
 
             buf = io.BytesIO()
             torch.onnx.export(model, (xin,), buf, input_names=["x"], output_names=["logits"], dynamo=False)
-            session = onnxruntime.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(buf.getvalue(), onnxruntime_options(),
+                                                   providers=["CPUExecutionProvider"])
             feed = {"x": xin.numpy()}
 
             def forward():
@@ -339,7 +360,8 @@ def _setup_engine(p: ModelProvider, base: nn.Module, x: torch.Tensor) -> _Prepar
         else:
             import openvino
 
-            compiled = openvino.compile_model(openvino.convert_model(model, example_input=xin), "CPU")
+            compiled = openvino.compile_model(openvino.convert_model(model, example_input=xin), "CPU",
+                                              OPENVINO_CONFIG | {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
             array = xin.numpy()
 
             def forward():
@@ -349,6 +371,10 @@ def _setup_engine(p: ModelProvider, base: nn.Module, x: torch.Tensor) -> _Prepar
     first_s = time.perf_counter() - t0
     weights = sum(t.numel() * t.element_size() for t in model.parameters()) / MiB
     return _Prepared(forward, first_s, y, (model, xin), {"weights_mib": weights})
+
+
+# The image size every eager CPU model runs once before the timed one (see _setup_eval).
+OTHER_SIZE = 16
 
 
 def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, device: torch.device) -> _Prepared:
@@ -365,6 +391,9 @@ def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, devi
             else:
                 fwd = torch.compile(model, mode=None if p.compile_mode == "default" else p.compile_mode,
                                     dynamic=False)
+        if device.type == "cpu" and p.compile_mode is None:
+            # serving code warms up on small inputs: every eager row is timed after another size ran
+            fwd(_input(torch.randn(1, 3, OTHER_SIZE, OTHER_SIZE), p))
         t0 = time.perf_counter()
         if p.cudagraph:
             replay, graph = _cuda_graph(model, xin)
@@ -383,7 +412,11 @@ def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, devi
     if p.fastres:  # what fastres prepared from the weights (folded, prepacked...), resident with them
         import fastres
 
-        extra["prepared_mib"] = sum(m._fastres_cache.nbytes() for m in fastres.nn.modules.fused_modules(model)) / MiB
+        units = list(fastres.nn.modules.fused_modules(model))
+        extra["prepared_mib"] = sum(m._fastres_cache.nbytes() for m in units) / MiB
+        if device.type == "cpu":  # whether the oneDNN fused conv ran (a prepared oneDNN form per conv that did)
+            onednn = sum(1 for m in units for (_, kind) in m._fastres_cache._entries if kind == "onednn")
+            extra["onednn_convs"] = f"{onednn}/{sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))}"
     return _Prepared(forward, first_s, y, (model, fwd, graph, xin), extra)
 
 
@@ -497,6 +530,11 @@ def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch
                     progress.update(1)
             if prepared:
                 stats = bench_interleaved({p.key: v.fn for p, v in prepared.items()}, warmup=1, min_reps=trials)
+                engines = [v.fn for p, v in prepared.items() if p.name in ENGINES]
+                control = next((p for p in prepared if p.fastres), None)
+                if engines and control is not None:  # does a timing depend on an engine running before it?
+                    check = order_check(prepared[control].fn, engines, min_reps=trials)
+                    stats[control.key]["after_engine_ratio"] = check["ratio"]
                 for p, v in prepared.items():
                     measured.append((p, {**stats[p.key], **_saved(v), "first_call_s": v.first_s, **(v.extra or {})},
                                      v.logits))

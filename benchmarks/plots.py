@@ -2,8 +2,9 @@
 
 At most three PNGs, each written only when its data exist:
 
-* ``throughput.png``: eval images/s per model, one line per provider over the
-  batch sweep (horizontal bars when a single batch size was run);
+* ``throughput.png``: eval images/s per model and image size (one panel each: a
+  16x16 host-overhead row never shares a line with 224x224 ones), one line per
+  provider over the batch sweep (horizontal bars when a single batch size was run);
 * ``kernels.png``: speedup of every provider over eager, per kernel case (log scale);
 * ``memory.png`` (GPU): peak memory per model and provider, eval and training,
   laid out like ``throughput.png``.
@@ -34,15 +35,15 @@ def _times(v, _pos=None) -> str:
 
 
 def _per_arch(rows: List[dict], value, xlabel: str, title: str, path: str, log: bool = False) -> bool:
-    """One subplot per model: a line per provider over the batch sweep, or
+    """One subplot per model and image size: a line per provider over the batch sweep, or
     horizontal bars when a single batch size was run. ``value(row)`` is plotted."""
     if not rows:
         return False
     plt = _plt()
-    archs = list(dict.fromkeys(r["arch"] for r in rows))
-    fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.8), squeeze=False)
-    for ax, arch in zip(axes[0], archs):
-        mine = [r for r in rows if r["arch"] == arch]
+    panels = list(dict.fromkeys((r["arch"], r.get("image_size")) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for ax, (arch, size) in zip(axes[0], panels):
+        mine = [r for r in rows if r["arch"] == arch and r.get("image_size") == size]
         keys = list(dict.fromkeys(_label(r) for r in mine))
         batches = sorted({r["batch"] for r in mine})
         if len(batches) > 1:
@@ -65,7 +66,7 @@ def _per_arch(rows: List[dict], value, xlabel: str, title: str, path: str, log: 
             if log:
                 ax.set_xscale("log")
             ax.set_xlabel(f"{xlabel} (batch {batches[0]})")
-        ax.set_title(f"{arch} {title}")
+        ax.set_title(f"{arch} {title}" + (f", {size}x{size}" if size else ""))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -47,7 +47,8 @@ MODEL_COLUMNS: List[Column] = [
     ("dtype", "dtype", _fmt("{}")), ("layout", "layout", _fmt("{}")),
     ("images_per_s", "img/s", _fmt("{:.1f}")), ("ms", "ms/batch", _fmt("{:.3g}")),
     ("", "p20-p80", _range), ("peak_mem_mib", "peak MiB", _fmt("{:.0f}")),
-    ("prepared_mib", "prepared MiB", _fmt("{:.1f}")), ("", "compile/capture s", _compile_s),
+    ("prepared_mib", "prepared MiB", _fmt("{:.1f}")), ("onednn_convs", "oneDNN convs", _fmt("{}")),
+    ("", "compile/capture s", _compile_s),
     ("conv_backends", "conv backends", _fmt("{}")), ("tune_s", "tuning s", _fmt("{:.1f}")),
     ("max_abs_err", "max abs err", _fmt("{:.2e}")), ("rel_l2_err", "rel-L2 err", _fmt("{:.2e}")),
     ("speedup_vs_tv_fp32", "vs tv fp32", _fmt("{:.2f}x")), ("speedup_vs_tv_same", "vs tv same dtype", _fmt("{:.2f}x")),
@@ -220,6 +221,9 @@ def evaluate_targets(result: dict) -> List[dict]:
             "CPU: ResNet-50 eval, batch 8, fastres vs torchvision channels_last + fx fuse", ">= 1.00x", CPU_GOAL, fast,
             _find(models, arch="resnet50", batch=8, provider="tv-fx-fuse", dtype="float32"), 1.0))
         out += _cpu_prepared_targets(models, host)
+    isolation = _isolation_target(rows)
+    if isolation:
+        out.append(isolation)
     for suite in ("models", "train"):
         acc = _accuracy_target(rows, suite)
         if acc:
@@ -227,6 +231,26 @@ def evaluate_targets(result: dict) -> List[dict]:
     if device_type == "cuda":
         out += _gpu_goals(rows)
     return out
+
+
+# A provider timed right after a third-party engine may be at most this much slower (or faster)
+# than right after itself (benchmarks.timing.order_check): beyond it, the timings depend on order.
+ISOLATION_TOLERANCE = 0.10
+
+
+def _isolation_target(rows: List[dict]) -> Optional[dict]:
+    """The benchmark gate on timing isolation: the CPU rows that were order-checked."""
+    checked = [r for r in rows if r.get("after_engine_ratio") is not None]
+    if not checked:
+        return None
+    worst = max(checked, key=lambda r: abs(r["after_engine_ratio"] - 1))
+    bad = [r for r in checked if abs(r["after_engine_ratio"] - 1) > ISOLATION_TOLERANCE]
+    return {"name": "timings independent of the provider before (fastres right after ONNX Runtime/OpenVINO "
+                    "vs right after itself)",
+            "goal": f"time ratio within 1 +- {ISOLATION_TOLERANCE:.2f}", "source": "benchmark gate",
+            "value": f"{len(checked) - len(bad)}/{len(checked)} cases within; worst {worst['after_engine_ratio']:.2f}x "
+                     f"({worst['arch']} N={worst['batch']} {worst['image_size']}px {worst['dtype']})",
+            "status": "met" if not bad else "NOT met"}
 
 
 def _cpu_prepared_targets(models: List[dict], host: List[dict]) -> List[dict]:
@@ -367,6 +391,11 @@ def _env_lines(result: dict) -> List[str]:
         f"- fastres {env.get('fastres')}, commit {env.get('fastres_commit') or 'unknown (not a git checkout)'}, "
         f"CUDA kernels built: {env.get('cuda_kernels')}",
     ]
+    if env.get("device_type") == "cpu":
+        lines.append(f"- CPU ISA: {', '.join(env.get('cpu_isa') or []) or 'unknown'} (PyTorch: "
+                     f"{env.get('cpu_capability')}); oneDNN native bf16: {env.get('onednn_bf16')}, "
+                     f"fp16: {env.get('onednn_fp16')} (else fastres computes that dtype in fp32); "
+                     f"{env.get('threads')} threads")
     if env.get("nvidia_smi"):
         lines.append(f"- nvidia-smi (driver, SM clock, max SM clock, memory clock, power limit): {env['nvidia_smi']}")
     if env.get("device_type") == "cuda":

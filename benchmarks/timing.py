@@ -8,6 +8,8 @@
   ``n`` back-to-back iterations between two CUDA events (host timer on CPU),
   ``n`` chosen so that a trial lasts about ``trial_ms``; median, p20, p80 of
   the per-iteration time over the trials.
+* :func:`order_check` tells whether a provider's CPU timing depends on which
+  provider ran just before it (a third-party engine's spinning threads).
 * :func:`copy_bandwidth` and :func:`matmul_tflops` measure the machine's peaks
   in the same run, so fractions of peak never rest on spec sheets or assumed
   clocks.
@@ -23,7 +25,7 @@ import platform
 import shutil
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -128,6 +130,24 @@ def bench_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, min
     return {name: {**_quantiles(t), "iters": 1, "trials": len(t)} for name, t in times.items()}
 
 
+def order_check(fn: Callable[[], object], others: Sequence[Callable[[], object]],
+                min_reps: int = 5) -> Dict[str, float]:
+    """Whether ``fn``'s timing depends on what ran just before it (CPU): in each round ``fn`` is
+    timed once right after itself and once right after each of ``others`` (a third-party
+    engine whose threads might keep spinning). ``ratio``: the median time after the others over
+    the median after itself (1 within noise when the benchmark is isolated)."""
+    alone: List[float] = []
+    after: List[float] = []
+    for _ in range(max(1, min_reps)):
+        for prev, out in [(fn, alone)] + [(o, after) for o in others]:
+            prev()
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    a, b = _quantiles(alone)["ms"], _quantiles(after)["ms"]
+    return {"alone_ms": a, "after_ms": b, "ratio": b / a}
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured device copy bandwidth in GB/s, counting bytes read plus written."""
     n = (1 << 30) if device.type == "cuda" else (1 << 26)
@@ -198,6 +218,8 @@ def environment(device: torch.device) -> Dict[str, object]:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
+    if device.type == "cpu":
+        env.update(cpu_isa())
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         # other processes on a shared machine slow every provider; interleaved rounds keep ratios fair
         env["load_average_1min"] = round(os.getloadavg()[0], 2)
@@ -215,6 +237,31 @@ def environment(device: torch.device) -> Dict[str, object]:
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         })
     return env
+
+
+# The CPU features that decide how fast a ResNet runs on it (oneDNN's bf16/fp16 kernels).
+ISA_FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512f", "avx2")
+
+
+def cpu_isa() -> Dict[str, object]:
+    """The CPU's relevant ISA (``/proc/cpuinfo`` flags of :data:`ISA_FLAGS`), PyTorch's vector
+    capability, and whether oneDNN runs bf16 / fp16 natively here (else fastres computes them in fp32)."""
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    native = torch.backends.mkldnn.is_available()
+    return {
+        "cpu_isa": [flag for flag in ISA_FLAGS if flag in flags],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_bf16": native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "onednn_fp16": native and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+    }
 
 
 def _cpu_name() -> str:

@@ -108,8 +108,8 @@ class Prepared:
     reorders per call, as stock ``F.conv2d`` does with its weight) until it comes
     a second time, then gets its own packed copy, at most
     :data:`MAX_PACKED_GEOMETRIES` of them. Memory: one folded copy of the weight
-    for a model fed one size; one more per further repeated size, and one dense
-    copy once a second size is seen.
+    per repeated input size (one for a model fed one size), and while sizes seen
+    only once run, one dense copy more.
     """
 
     def __init__(self, source: Tensor, scale: Tensor, bias: Tensor, dtype: torch.dtype, channels_last: bool,
@@ -153,6 +153,7 @@ class Prepared:
         dense = self._dense if self._dense is not None else self._folded()
         w = torch.ops.mkldnn._reorder_convolution_weight(dense, padding, stride, dilation, groups, list(x.shape))
         self.packed[geometry] = w
+        self._dense = None  # folded again if another new size comes
         if len(self.packed) > MAX_PACKED_GEOMETRIES:
             self.packed.popitem(last=False)
         return w

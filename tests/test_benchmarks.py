@@ -4,6 +4,7 @@ helpers and targets, the plots, and the case definitions shared with
 pytest-benchmark (``benchmarks/test_bench_kernels.py``)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -69,14 +70,22 @@ def test_cli_models_tiny(tmp_path, capsys):
         assert r["images_per_s"] > 0 and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         if r["dtype"] == "float32" and r["provider"] != "openvino":  # (OpenVINO may compute in bf16)
             assert r["rel_l2_err"] < 1e-4, r  # fp32 on the CPU: every provider computes the same logits
-        if r["provider"] == "fastres-torch":  # one folded weight per conv, in the row's dtype (+ biases)
-            assert r["weights_mib"] * 0.9 < r["prepared_mib"] < r["weights_mib"] * 1.1
+        if r["provider"] == "fastres-torch":  # a folded weight per conv and input size (warm-up, timed)
+            assert r["weights_mib"] * 0.9 < r["prepared_mib"] < r["weights_mib"] * 2.1
+            assert r["onednn_convs"] == "20/20"
     base = next(r for r in rows if r["provider"] == "tv-eager" and r["layout"] == "nchw")
     assert base["speedup_vs_tv_fp32"] == pytest.approx(1.0) and base["max_abs_err"] == 0.0
     assert result["skipped"] == []
     assert any(t["name"].startswith("fastres eval logits") and t["status"] == "met" for t in result["targets"])
 
+    if bench_models.engine_providers():  # fastres timed after an engine as after itself
+        checked = [r for r in rows if "after_engine_ratio" in r]
+        assert [r["provider"] for r in checked] == ["fastres-torch"] * len(checked) and checked
+        assert any(t["name"].startswith("timings independent") for t in result["targets"])
+    env = result["environment"]
+    assert {"cpu_isa", "cpu_capability", "onednn_bf16", "onednn_fp16", "threads"} <= set(env)
     md = open(os.path.join(out, "report.md")).read()
+    assert "- CPU ISA: " in md
     for heading in ("# fastres benchmark report", "## Targets", "## Models: eval throughput", "### resnet18",
                     "## Plots", "## Method", "![throughput.png](throughput.png)"):
         assert heading in md
@@ -312,6 +321,44 @@ def test_plots(tmp_path):
             assert f.read(8) == PNG_MAGIC
     assert plots.write_plots({"rows": rows[:2]}, out) == ["throughput.png", "memory.png"]  # single batch: bars
     assert not os.path.exists(os.path.join(out, "kernels.png"))  # a stale plot is removed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+def test_onnxruntime_sessions_do_not_spin():
+    """ONNX Runtime's threads spin after each run by default, slowing whatever is timed next: the
+    benchmark's sessions turn spinning off and use PyTorch's thread count."""
+    options = bench_models.onnxruntime_options()
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert options.get_session_config_entry(key) == "0"
+    assert options.intra_op_num_threads == torch.get_num_threads() and options.inter_op_num_threads == 1
+
+
+def test_order_check_and_isolation_target():
+    """order_check times a provider after itself and after each other one; the report's isolation
+    gate fails beyond the tolerance."""
+    from benchmarks import timing
+
+    calls = []
+    check = timing.order_check(lambda: calls.append("fn"), [lambda: calls.append("engine")], min_reps=3)
+    assert calls == ["fn", "fn", "engine", "fn"] * 3 and check["ratio"] > 0
+    rows = [{**_model_row("fastres-torch", 10.0), "after_engine_ratio": r, "image_size": 224} for r in (1.02, 0.97)]
+    target = report._isolation_target(rows)
+    assert target["status"] == "met" and target["source"] == "benchmark gate"
+    rows[1]["after_engine_ratio"] = 1.4
+    assert report._isolation_target(rows)["status"] == "NOT met"
+    assert report._isolation_target([_model_row("tv-eager", 1.0)]) is None
+
+
+def test_throughput_plot_has_a_panel_per_image_size(tmp_path, monkeypatch):
+    """16x16 host-overhead rows and 224x224 rows never share a line."""
+    rows = [{**_model_row(p, 10.0 * b, batch=b), "image_size": size} for b in (1, 8) for size in (16, 224)
+            for p in ("tv-eager", "fastres-torch")]
+    plt = plots._plt()
+    shapes = []
+    real = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: shapes.append(a) or real(*a, **k))
+    assert plots.write_plots({"rows": rows}, str(tmp_path)) == ["throughput.png"]
+    assert shapes == [(1, 2)]
 
 
 def test_report_says_which_backend_ran_each_conv_shape():

@@ -287,11 +287,11 @@ def test_prepacked_weight_follows_the_input_size(dtype, monkeypatch):
                     continue
                 geometry = (shape[0], shape[2], shape[3])
                 if call == 0 and any(p is q for q in forms):  # a second size, first seen: the dense weight
-                    assert w is p.dense() and geometry not in p.packed
+                    assert w is p._dense and geometry not in p.packed
                 else:  # packed for this size (a form made for it packs its first size at once)
                     assert p.packed[geometry] is w
         warmed = [p for p in _onednn_forms(model) if any(p is q for q in forms) and p.pack]
-        assert warmed and all(len(p.packed) == 2 for p in warmed)
+        assert warmed and all(len(p.packed) == 2 and p._dense is None for p in warmed)  # two copies, no dense
 
 
 @pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
@@ -327,4 +327,5 @@ def test_one_pixel_output_takes_the_packed_path_with_nchw_strides(dtype, batch):
         (p,) = _onednn_forms(m)
     assert p.channels_last and list(p.packed) == [(batch, 1, 1)]
     assert out.stride() == expected.stride() == (32, 1, 1, 1)
-    torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the folded weight's rounding, outputs of O(1)
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
