@@ -329,3 +329,40 @@ def test_one_pixel_output_takes_the_packed_path_with_nchw_strides(dtype, batch):
     assert out.stride() == expected.stride() == (32, 1, 1, 1)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the folded weight's rounding, outputs of O(1)
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
+def test_call_plan_is_reused_and_invalidated(monkeypatch):
+    """A module's second like call reruns its plan (no validation, no dispatch); an in-place
+    parameter edit, a new input shape or layout and clear_cache each make a new one, and every
+    output is the unfused modules'."""
+    from fastres import ops
+
+    torch.manual_seed(0)
+    m = randomize_bn(ConvBNAct(4, 8, 3)).eval().to(memory_format=CL)
+    dispatched = []
+    monkeypatch.setattr(ops, "run_conv_bn_act",
+                        lambda *a, f=ops.run_conv_bn_act, **k: dispatched.append(1) or f(*a, **k))
+
+    def check(x, planned):
+        dispatched.clear()
+        with torch.no_grad():
+            out = m(x)
+            expected = torch.relu(m.bn(m.conv(x)))
+        torch.testing.assert_close(out, expected, rtol=2e-2 if x.dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+        assert dispatched == ([] if planned else [1])
+
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=CL)
+    check(x, planned=False)
+    check(x, planned=True)
+    with torch.no_grad():
+        m.bn.weight.mul_(2)  # a parameter edited in place: new forms, new plan
+    check(x, planned=False)
+    check(x, planned=True)
+    check(torch.randn(1, 4, 5, 7).contiguous(memory_format=CL), planned=False)  # another shape
+    check(x.contiguous(), planned=False)  # another layout
+    check(x, planned=False)
+    fastres.nn.clear_cache(m)
+    assert not m._fastres_cache.plans
+    check(x, planned=False)
+    check(x, planned=True)
