@@ -4,7 +4,8 @@
 reference's result (``fastres._cpu_bn``), and under autograd as one function with
 the kernel ops' formula (it keeps what they keep); ``conv_bn_act`` runs CPU
 inference through oneDNN's fused convolution with the BN folded into a prepared
-weight (``fastres._onednn``). Everything else is the reference
+weight (``fastres._onednn``), and fp32 1x1 convs on few pixels as one matmul
+(``fastres._cpu_gemm``). Everything else is the reference
 (``fastres.reference``).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from fastres import _cpu_bn, _layout, _onednn, _opdefs, reference
+from fastres import _cpu_bn, _cpu_gemm, _layout, _onednn, _opdefs, reference
 from fastres._backends.spec import Backend, Impl, first_supporting
 from fastres._tracing import is_tracing
 
@@ -60,6 +61,22 @@ def _autograd_reason(x, scale, shift, residual, act) -> Optional[str]:
     return "no input requires grad"
 
 
+def _gemm_prepare(source_weight, x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _cpu_gemm.prepare(x, source_weight, scale, shift)
+
+
+def _gemm_run(form, x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _cpu_gemm.run(form, x, residual, act)
+
+
+def _gemm(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _cpu_gemm.run(_cpu_gemm.prepare(x, weight, scale, shift), x, residual, act)
+
+
+def _gemm_form_key(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return (x.dtype, _layout.conv_out_channels_last(x, weight))
+
+
 def _onednn_reason(x, weight, scale, shift, residual, stride, padding, dilation, groups, act) -> Optional[str]:
     return _onednn.unsupported_reason(x, weight, scale, shift, residual, act)
 
@@ -85,6 +102,8 @@ BACKEND = Backend(
         "bn_act": [Impl("autograd-formula", _BNActFunction.apply, supports=_autograd_reason), *_BN_ACT],
         "bn_act_backward": _BN_ACT_BACKWARD,
         "conv_bn_act": [
+            Impl("gemm-1x1", _gemm, supports=_cpu_gemm.unsupported_reason, prepare=_gemm_prepare, run=_gemm_run,
+                 form_key=_gemm_form_key),
             Impl("onednn", _onednn.conv_bn_act, supports=_onednn_reason, prepare=_onednn_prepare, run=_onednn_run,
                  form_key=_onednn_form_key),
             Impl("reference", reference.conv_bn_act),
