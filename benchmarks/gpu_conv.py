@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import cases
-from fastres import tune
+from fastres import backends, tune
 
 # Columns of this script's output, and the benchmarks.cases provider each one is.
 PROVIDERS = {"eager": "eager", "cudnn": "cudnn-fused", "fastres": "fastres-{backend}"}
@@ -184,7 +184,8 @@ def _progress(items, desc):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_conv", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["auto", "triton", "cuda", "cudnn"], default="auto",
+    gpu_backends = [n for n in backends.implemented_backends("conv_bn_act") if n != "torch"]
+    parser.add_argument("--backend", choices=["auto", *gpu_backends], default="auto",
                         help="fastres backend to test (auto: backend=None, the per-shape choice of fastres.tune)")
     parser.add_argument("--arch", default="resnet50", help="torchvision model whose convs are used")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="benchmark batch sizes")

@@ -11,6 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastres import _tune, ops, reference
 from fastres.nn._casting import cast
 from fastres.nn._fusability import conv_geometry
+from fastres._tracing import is_tracing
 from fastres.nn._prepared import PreparedCache, eval_scale_shift
 
 
@@ -21,41 +22,83 @@ def eval_unit(
     """``act(bn(conv(x)) (+ residual))`` with running statistics: one ``conv_bn_act`` on ``cache``'s
     ``scale_shift`` and ``weight`` forms and the prepared form of the implementation the registry
     selects (on CPU inference: oneDNN's folded, prepacked weight; for the kernels: the KRSC
-    weight); ``low``: the autocast dtype. A call like the previous one of the module (same
-    sources, same :func:`_signature`) reruns its plan: the implementation and form it used,
-    without validating and dispatching again (on the devices whose choice is not tuned per
-    shape; a plan lives in the cache and is dropped with it)."""
-    stride, padding, dilation, groups = conv_geometry(conv)
+    weight); ``low``: the autocast dtype. A call like the module's previous one reruns its
+    :class:`CallPlan` instead of validating and dispatching again."""
     x, residual = cast(x, low), cast(residual, low)
-    weight = conv.weight
+    weight = _member(conv, "weight")
+    sources = (weight, _member(bn, "weight"), _member(bn, "bias"), _member(bn, "running_mean"),
+               _member(bn, "running_var"), _member(conv, "bias"))
     wdtype = weight.dtype if low is None or weight.dtype == torch.float64 else low
+    if cache is not None:
+        plan = cache.plans.get(slot)
+        if plan is not None and not is_tracing():  # (a traced graph holds the reference's ops)
+            key = _call_key(x, residual, act, backend, wdtype, bn)
+            if plan.matches(sources, key):
+                return plan.run(x, residual, act)
+    stride, padding, dilation, groups = conv_geometry(conv)
     if cache is None:
         scale, shift = eval_scale_shift(bn, conv.bias, reference.compute_dtype(x.dtype))
         return ops.run_conv_bn_act(x, cast(weight, low), scale, shift, residual, stride, padding, dilation, groups,
                                    act, backend)
-    sources = (weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, conv.bias)
     stamp = cache.stamp(sources, x)  # one validity stamp for this call's forms
-    signature = None if stamp is None else _signature(stamp, x, residual, act, backend, wdtype, bn)
-    plan = cache.plans.get(slot)
-    if signature is not None and plan is not None and plan[0] == signature and all(
-            a is b for a, b in zip(plan[1], sources)):
-        impl, form, (w, scale, shift), geometry = plan[2:]
-        return impl.run(form, x, w, scale, shift, residual, *geometry, act)
     scale, shift = cache.scale_shift(slot, bn, conv.bias, x, sources, stamp)
     prepared = cache.forms(slot, sources, (float(bn.eps),), weight, x, stamp)
     w = cache.kernel_weight(slot, weight, wdtype, x)
     out = ops.run_conv_bn_act(x, w, scale, shift, residual, stride, padding, dilation, groups, act, backend, prepared)
-    if signature is not None and prepared.used is not None and x.device.type not in _tune.TUNED_DEVICE_TYPES:
-        cache.plans[slot] = (signature, sources, *prepared.used, (w, scale, shift),
-                             ([stride[0], stride[1]], [padding[0], padding[1]], [dilation[0], dilation[1]], groups))
+    if stamp is not None and prepared.used is not None and x.device.type not in _tune.TUNED_DEVICE_TYPES:
+        geometry = ([stride[0], stride[1]], [padding[0], padding[1]], [dilation[0], dilation[1]], groups)
+        cache.plans[slot] = CallPlan(sources, _call_key(x, residual, act, backend, wdtype, bn), *prepared.used,
+                                     (w, scale, shift), geometry)
+    else:
+        cache.plans.pop(slot, None)
     return out
 
 
-def _signature(stamp: tuple, x: Tensor, residual: Optional[Tensor], act: str, backend: Optional[str],
-               wdtype: torch.dtype, bn: _BatchNorm) -> tuple:
-    """Everything the validation and the registry's choice of a call read besides the sources:
-    a call with the same signature (and the same source tensors) runs the same implementation on
-    the same prepared form, so the module's plan skips both."""
-    r = None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.requires_grad)
-    return (stamp, type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad, r, act, backend, wdtype,
-            float(bn.eps), torch.is_grad_enabled())
+def _member(m: nn.Module, name: str) -> Optional[Tensor]:
+    """``getattr(m, name)`` for a parameter or buffer, without ``Module.__getattr__``'s lookups."""
+    for d in (m._parameters, m._buffers):
+        if name in d:
+            return d[name]
+    return getattr(m, name)
+
+
+def _call_key(x: Tensor, residual: Optional[Tensor], act: str, backend: Optional[str], wdtype: torch.dtype,
+              bn: _BatchNorm) -> tuple:
+    """Everything the validation and the registry's choice of a call read besides the sources."""
+    r = None if residual is None else (type(residual), residual.shape, residual.stride(), residual.dtype,
+                                       residual.device, residual.requires_grad)
+    return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+            torch._C._functorch.is_functorch_wrapped_tensor(x), r, act, backend, wdtype, bn.eps,
+            torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+
+
+class CallPlan:
+    """The implementation, prepared form and arguments of a module's last call (on the devices
+    whose choice is not tuned per shape). A call with the same :func:`_call_key`, on the same
+    source tensors with unchanged data_ptr and version counters (outside tracing), runs the same
+    implementation on the same form, so it reruns them directly. Lives in the module's
+    :class:`PreparedCache` and is dropped with it."""
+
+    __slots__ = ("sources", "tracked", "versioned", "ptrs", "versions", "key", "impl", "form", "tensors", "geometry")
+
+    def __init__(self, sources: tuple, key: tuple, impl, form, tensors: tuple, geometry: tuple) -> None:
+        self.sources = sources
+        self.tracked = tuple(t for t in sources if t is not None)
+        self.versioned = tuple(t for t in self.tracked if not t.is_inference())  # inference tensors have none
+        self.ptrs = tuple(t.data_ptr() for t in self.tracked)
+        self.versions = tuple(t._version for t in self.versioned)
+        self.key, self.impl, self.form = key, impl, form
+        self.tensors, self.geometry = tensors, geometry  # (weight, scale, shift); (stride, padding, dilation, groups)
+
+    def matches(self, sources: tuple, key: tuple) -> bool:
+        return (
+            key == self.key
+            and all(a is b for a, b in zip(sources, self.sources))
+            and tuple(t.data_ptr() for t in self.tracked) == self.ptrs
+            and tuple(t._version for t in self.versioned) == self.versions
+            and not (key[-1] and any(t.requires_grad for t in self.tracked))
+        )
+
+    def run(self, x: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
+        w, scale, shift = self.tensors
+        return self.impl.run(self.form, x, w, scale, shift, residual, *self.geometry, act)

@@ -54,7 +54,7 @@ class PreparedCache:
 
     def __init__(self) -> None:
         self._entries: Dict[Tuple[str, str], tuple] = {}
-        self.plans: Dict[str, tuple] = {}  # slot -> (call signature, sources, impl, form, args): fastres/nn/_eval.py
+        self.plans: Dict[str, Any] = {}  # slot -> its CallPlan (fastres/nn/_eval.py)
 
     def clear(self) -> None:
         self._entries.clear()
