@@ -120,6 +120,8 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
         out = [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", f32, cl),
                ModelProvider("tv-fx-fuse", f32, cl), *engine_providers()]
         out += [ModelProvider(f"fastres-{b}", f32, cl, b) for b in eval_backends(device)]
+        # torchvision's default input: an NCHW tensor to an NCHW model, against tv-eager NCHW
+        out += [ModelProvider(f"fastres-{b}", f32, "nchw", b) for b in eval_backends(device)]
         out += [ModelProvider(_compile_name(m), f32, cl) for m in compile_modes]
         if "default" in compile_modes:
             out.append(ModelProvider("fastres-compile", f32, cl, eval_backends(device)[0]))
@@ -168,11 +170,11 @@ def cpu_bf16() -> bool:
 
 
 def host_overhead_providers(device: torch.device) -> List[ModelProvider]:
-    """The host-overhead case (CPU, ResNet-50 at 1x3x16x16): torchvision channels_last eager
-    and fastres, fp32 (and bf16), where the arithmetic is negligible."""
-    cl = "channels_last"
-    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_bf16() else [])
-    return [ModelProvider(name, dt, cl, backend) for dt in dtypes
+    """The host-overhead case (CPU, ResNet-50 at 1x3x16x16): torchvision eager and fastres,
+    channels_last in fp32 (and bf16) and NCHW in fp32, where the arithmetic is negligible."""
+    cases = [(torch.float32, "channels_last"), (torch.float32, "nchw")]
+    cases += [(torch.bfloat16, "channels_last")] if cpu_bf16() else []
+    return [ModelProvider(name, dt, layout, backend) for dt, layout in cases
             for name, backend in (("tv-eager", None), *((f"fastres-{b}", b) for b in eval_backends(device)))]
 
 

@@ -213,7 +213,8 @@ def evaluate_targets(result: dict) -> List[dict]:
     if device_type == "cpu":
         host = [r for r in models if r.get("image_size") == 16]
         models = [r for r in models if r.get("image_size", 224) == 224]
-        fast = _find(models, arch="resnet50", batch=8, provider="fastres-torch", dtype="float32")
+        fast = _find(models, arch="resnet50", batch=8, provider="fastres-torch", dtype="float32",
+                     layout="channels_last")
         out.append(_ratio_target(
             "CPU: ResNet-50 eval, batch 8, fastres vs torchvision eager NCHW", ">= 1.40x", CPU_GOAL, fast,
             _find(models, arch="resnet50", batch=8, provider="tv-eager", dtype="float32", layout="nchw"), 1.4))
@@ -259,7 +260,8 @@ def _cpu_prepared_targets(models: List[dict], host: List[dict]) -> List[dict]:
     out = []
     for dtype in ("float32", "bfloat16"):
         for batch in (1, 8):
-            fast = _find(models, arch="resnet50", batch=batch, provider="fastres-torch", dtype=dtype)
+            fast = _find(models, arch="resnet50", batch=batch, provider="fastres-torch", dtype=dtype,
+                         layout="channels_last")
             if fast is None:
                 continue
             for base, label in (("tv-compile-freezing", "torch.compile(freezing)"), ("tv-eager", "torchvision CL eager")):
@@ -279,13 +281,21 @@ def _cpu_prepared_targets(models: List[dict], host: List[dict]) -> List[dict]:
                 out.append({"name": f"CPU: ResNet-50 fp32 batch {batch} logits rel-L2 error", "goal": "< 1e-4",
                             "value": f"{err:.2e}", "status": "met" if err < 1e-4 else "NOT met",
                             "source": CPU_GOAL})
-    for dtype in ("float32", "bfloat16"):
-        fast = _find(host, arch="resnet50", provider="fastres-torch", dtype=dtype)
+    for dtype, layout, label in (("float32", "channels_last", "CL"), ("bfloat16", "channels_last", "CL"),
+                                 ("float32", "nchw", "NCHW")):
+        fast = _find(host, arch="resnet50", provider="fastres-torch", dtype=dtype, layout=layout)
         if fast is not None:  # time <= 1.1x torchvision's, i.e. throughput >= 1/1.1
             out.append(_ratio_target(
-                f"CPU: host overhead, ResNet-50 1x3x16x16 {dtype}, fastres time vs torchvision CL eager",
+                f"CPU: host overhead, ResNet-50 1x3x16x16 {dtype} {label}, fastres time vs torchvision {label} eager",
                 "<= 1.10x time (>= 0.91x img/s)", CPU_GOAL, fast,
-                _find(host, arch="resnet50", provider="tv-eager", dtype=dtype), 1 / 1.1))
+                _find(host, arch="resnet50", provider="tv-eager", dtype=dtype, layout=layout), 1 / 1.1))
+    for batch in (1, 8):  # torchvision's default: NCHW input, NCHW model
+        fast = _find(models, arch="resnet50", batch=batch, provider="fastres-torch", dtype="float32", layout="nchw")
+        if fast is not None:
+            out.append(_ratio_target(
+                f"CPU: ResNet-50 eval float32 NCHW batch {batch}, fastres vs torchvision NCHW eager", ">= 1.00x",
+                CPU_GOAL, fast, _find(models, arch="resnet50", batch=batch, provider="tv-eager", dtype="float32",
+                                      layout="nchw"), 1.0))
     return out
 
 

@@ -59,7 +59,8 @@ def test_cli_models_tiny(tmp_path, capsys):
     assert result["peaks"]["copy_gbps"] > 0 and result["peaks"]["matmul_tflops"] > 0
     rows = result["rows"]
     expected = {("tv-eager", "nchw", "float32"), ("tv-eager", "channels_last", "float32"),
-                ("tv-fx-fuse", "channels_last", "float32"), ("fastres-torch", "channels_last", "float32")}
+                ("tv-fx-fuse", "channels_last", "float32"), ("fastres-torch", "channels_last", "float32"),
+                ("fastres-torch", "nchw", "float32")}
     expected |= {(p.name, "nchw", "float32") for p in bench_models.engine_providers()}  # ONNX Runtime...
     if bench_models.cpu_bf16():  # no compile rows: torch.compile(freezing) is timed for ResNet-50 only
         expected |= {("tv-eager", "channels_last", "bfloat16"), ("fastres-torch", "channels_last", "bfloat16")}
@@ -121,7 +122,7 @@ def test_cli_time_limit_reports_what_was_not_measured(tmp_path):
                    "--time-limit", "0", "--out", out])
     assert rc == 0
     result = _load(out)
-    n_eval = 4 + len(bench_models.engine_providers()) + (2 if bench_models.cpu_bf16() else 0)
+    n_eval = 5 + len(bench_models.engine_providers()) + (2 if bench_models.cpu_bf16() else 0)
     n_host = len(bench_models.host_overhead_providers(torch.device("cpu")))
     assert result["rows"] == [] and len(result["skipped"]) == n_eval + n_host
     assert all(s["reason"] == "time limit reached" for s in result["skipped"])
@@ -286,12 +287,19 @@ def test_cpu_targets():
              _model_row("tv-eager", 10.0, batch=1, dtype="bfloat16", err=1e-2),
              _model_row("fastres-torch", 12.5, batch=1, dtype="bfloat16", err=1.4e-2),
              {**_model_row("tv-eager", 100.0, batch=1), "image_size": 16},
-             {**_model_row("fastres-torch", 95.0, batch=1), "image_size": 16}]
+             {**_model_row("fastres-torch", 95.0, batch=1), "image_size": 16},
+             {**_model_row("tv-eager", 100.0, batch=1, layout="nchw"), "image_size": 16},
+             {**_model_row("fastres-torch", 80.0, batch=1, layout="nchw"), "image_size": 16},
+             _model_row("tv-eager", 10.0, batch=1, layout="nchw"), _model_row("fastres-torch", 11.0, batch=1,
+                                                                                layout="nchw")]
     status = {t["name"]: t["status"] for t in report.evaluate_targets({"rows": rows, "environment": {"device_type": "cpu"}})}
     assert status["CPU: ResNet-50 eval bfloat16 batch 1, fastres vs torch.compile(freezing)"] == "met"
     assert status["CPU: ResNet-50 eval bfloat16 batch 1, fastres vs torchvision CL eager"] == "met"
     assert status["CPU: ResNet-50 bfloat16 batch 1 logits error vs torchvision's"] == "met"  # 1.4x <= 1.5x
-    assert status["CPU: host overhead, ResNet-50 1x3x16x16 float32, fastres time vs torchvision CL eager"] == "met"
+    assert status["CPU: host overhead, ResNet-50 1x3x16x16 float32 CL, fastres time vs torchvision CL eager"] == "met"
+    assert status["CPU: host overhead, ResNet-50 1x3x16x16 float32 NCHW, fastres time vs torchvision NCHW eager"] \
+        == "NOT met"  # 0.8x img/s < 0.91x
+    assert status["CPU: ResNet-50 eval float32 NCHW batch 1, fastres vs torchvision NCHW eager"] == "met"
     empty = report.evaluate_targets({"rows": [], "environment": {"device_type": "cpu"}})
     assert [t["status"] for t in empty] == ["not measured", "not measured"]
 
