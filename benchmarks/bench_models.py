@@ -166,7 +166,9 @@ def _compile_name(mode: str) -> str:
 
 def cpu_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (else bf16 rows are left out)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from fastres import _onednn
+
+    return _onednn.compute_dtype(torch.bfloat16) == torch.bfloat16
 
 
 def host_overhead_providers(device: torch.device) -> List[ModelProvider]:

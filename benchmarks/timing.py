@@ -246,30 +246,28 @@ ISA_FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx512_vnni"
 def cpu_isa() -> Dict[str, object]:
     """The CPU's relevant ISA (``/proc/cpuinfo`` flags of :data:`ISA_FLAGS`), PyTorch's vector
     capability, and whether oneDNN runs bf16 / fp16 natively here (else fastres computes them in fp32)."""
-    flags: set = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    native = torch.backends.mkldnn.is_available()
+    from fastres import _onednn
+
+    flags = set((_cpuinfo("flags") or "").split())
     return {
         "cpu_isa": [flag for flag in ISA_FLAGS if flag in flags],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "onednn_bf16": native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "onednn_fp16": native and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+        "onednn_bf16": _onednn.compute_dtype(torch.bfloat16) == torch.bfloat16,
+        "onednn_fp16": _onednn.compute_dtype(torch.float16) == torch.float16,
     }
 
 
-def _cpu_name() -> str:
+def _cpuinfo(field: str) -> Optional[str]:
+    """The value of ``field`` in ``/proc/cpuinfo``'s first processor, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()

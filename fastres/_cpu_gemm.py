@@ -5,10 +5,10 @@ A 1x1, stride-1, ungrouped, unpadded conv is the matmul ``x[M, C] @ weight[K, C]
 M = N*H*W pixels of a channels_last input. With the BN scale folded into the weight (fp32 math)
 and the shift as the bias, ``act(addmm(shift, x, folded^T) (+ residual))`` is what oneDNN's fused
 conv computes, in the same fp32 arithmetic. On few pixels (ResNet's layer3-4 at a small input)
-oneDNN's packed 1x1 conv is 2-3x slower than this matmul (fp32, 1 to 64 pixels, measured by
-``python -m benchmarks --suite conv``'s shapes on a Xeon with AMX); from a few hundred pixels on
-oneDNN is faster, so this path takes at most :data:`MAX_PIXELS`. fp32 only: in bf16 the two are
-about even at these sizes and oneDNN keeps them.
+oneDNN's packed 1x1 conv is slower than this matmul (fp32, 1 to 64 pixels, timed per shape on a
+Xeon with AMX; the benchmark's 16x16 host-overhead rows show the effect on a whole model); with
+a few hundred pixels oneDNN is faster, so this path takes at most :data:`MAX_PIXELS`. fp32 only:
+in bf16 the two were about even at these sizes, and oneDNN keeps them.
 """
 from __future__ import annotations
 

@@ -101,8 +101,7 @@ class Prepared:
     """A conv's BN-folded oneDNN weight and bias, for inputs of one dtype and output format.
 
     oneDNN picks its kernel and the weight's blocked layout for the input's size,
-    and a weight packed for one size costs a reorder on every call of another (a
-    ResNet-50 first called at 16x16 then ran about 2x slower at 224x224). So the
+    and a weight packed for one size costs a reorder on every call of another. So the
     packed weight is kept per input geometry ``(N, H, W)``: the first geometry is
     packed at once; a later new one runs on the dense folded weight (which oneDNN
     reorders per call, as stock ``F.conv2d`` does with its weight) until it comes
@@ -160,9 +159,8 @@ class Prepared:
 
     def nbytes(self) -> int:
         """Bytes of the copies held (a packed weight counted at its dense size)."""
-        w = self._source
-        copies = len(self.packed) + (self._dense is not None)
-        return copies * w.numel() * torch.empty((), dtype=self.dtype).element_size() + 4 * self.bias.numel() + (
+        copies = len(self.packed) + (self._dense is not None)  # each of the weight's size in the compute dtype
+        return copies * self._source.numel() * self.bias_binary.element_size() + 4 * self.bias.numel() + (
             0 if self.bias_binary is self.bias else self.bias_binary.numel() * self.bias_binary.element_size()
         )
 

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastres import _tune, ops, reference
+from fastres._tracing import is_tracing
 from fastres.nn._casting import cast
 from fastres.nn._fusability import conv_geometry
-from fastres._tracing import is_tracing
 from fastres.nn._prepared import PreparedCache, eval_scale_shift
 
 
