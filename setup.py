@@ -23,6 +23,10 @@ Environment:
 ``TORCH_CUDA_ARCH_LIST``
     the GPU architectures to compile for, e.g. ``"9.0"`` or ``"8.0;9.0+PTX"``.
     Default ``"8.0;8.6;8.9;9.0"`` (Ampere A100, Ampere consumer, Ada, Hopper).
+    A plain ``9.0`` entry is built as ``9.0a`` (``hopper_arch_list``): the
+    Hopper conv kernels need sm_90a's WGMMA and TMA, and sm_90a machine code
+    runs on every 9.0 GPU (H100, H200, GH200). ``9.0+PTX`` is kept as written
+    (sm_90a PTX would not run on later GPUs), and so builds no Hopper kernels.
     ``torch.ops.fastres._cuda_arch_list()`` reports the list used.
 ``CUDA_HOME``
     the CUDA toolkit (its ``bin/nvcc``).
@@ -35,7 +39,9 @@ Environment:
     the ``nvidia-cutlass`` pip package, a build requirement.
 
 CUTLASS: the fused convolution ``conv_bn_act_cuda`` (``csrc/cuda/conv_*``) is
-built from CUTLASS's header-only templates. Without CUTLASS headers the build
+built from CUTLASS's header-only templates; its Hopper kernels
+(``csrc/cuda/conv_bn_act_sm90*``) only when the list has ``9.0a``
+(``FASTRES_WITH_SM90``). Without CUTLASS headers the build
 still succeeds, says why, and leaves those sources and the op's schema out, so
 ``fastres.backends.implemented_backends("conv_bn_act")`` has no ``"cuda"``.
 
@@ -61,6 +67,8 @@ CSRC = "csrc"
 CUDA_SUBDIR = os.path.join(CSRC, "cuda")
 # The sources that need CUTLASS (the fused convolution), left out without it.
 CUTLASS_SOURCES = os.path.join(CUDA_SUBDIR, "conv_")
+# The Hopper (sm_90a) conv kernels, left out without a 9.0a architecture.
+SM90_SOURCES = os.path.join(CUDA_SUBDIR, "conv_bn_act_sm90")
 
 # Ampere (A100: 8.0, consumer: 8.6), Ada (8.9) and Hopper (9.0), as SASS.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0"
@@ -163,12 +171,27 @@ def find_cutlass() -> Tuple[Optional[List[str]], str]:
 
 CUTLASS_INCLUDE_DIRS, CUTLASS_WHY = find_cutlass() if WITH_CUDA else (None, "no CUDA build")
 WITH_CUTLASS = CUTLASS_INCLUDE_DIRS is not None
+
+
+def hopper_arch_list(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST with each plain ``9.0`` entry as ``9.0a``, ';'-separated.
+
+    ``9.0a`` (sm_90a: WGMMA, setmaxnreg) is what the Hopper conv kernels need;
+    its machine code runs on compute capability 9.0 exactly, which is every
+    Hopper GPU, so nothing that ran with ``9.0`` is lost. ``9.0+PTX`` stays.
+    """
+    entries = [e for e in re.split(r"[;\s]+", arch_list.strip()) if e]
+    return ";".join("9.0a" if e == "9.0" else e for e in entries)
+
+
 if WITH_CUDA:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = CUDA_HOME
     # Without a list, torch compiles for the GPUs it sees, and fails with none.
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    os.environ["TORCH_CUDA_ARCH_LIST"] = hopper_arch_list(
+        os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCH_LIST
+    )
+WITH_SM90 = WITH_CUTLASS and "9.0a" in (os.environ.get("TORCH_CUDA_ARCH_LIST") or "").split(";")
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -178,11 +201,12 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 # ----------------------------------------------------------------------------
 
 
-def collect_sources(with_cuda: bool, with_cutlass: bool) -> List[str]:
+def collect_sources(with_cuda: bool, with_cutlass: bool, with_sm90: bool) -> List[str]:
     """csrc/**/*.cpp (+ csrc/**/*.cu with CUDA), relative to setup.py, sorted.
 
     Without CUDA, everything under csrc/cuda/ is left out; without CUTLASS,
-    csrc/cuda/conv_* (the fused convolution).
+    csrc/cuda/conv_* (the fused convolution); without a 9.0a architecture,
+    csrc/cuda/conv_bn_act_sm90* (its Hopper kernels).
     """
 
     def rel_glob(pattern: str) -> List[str]:
@@ -195,6 +219,8 @@ def collect_sources(with_cuda: bool, with_cutlass: bool) -> List[str]:
         sources = [s for s in sources if not s.startswith(CUDA_SUBDIR + os.sep)]
     if not with_cutlass:
         sources = [s for s in sources if not s.startswith(CUTLASS_SOURCES)]
+    if not with_sm90:
+        sources = [s for s in sources if not s.startswith(SM90_SOURCES)]
     return sorted(sources)
 
 
@@ -279,11 +305,15 @@ def get_extension():
         define_macros += [("FASTRES_WITH_CUDA", "1"), ("FASTRES_CUDA_ARCH_LIST", arch_list_token(arch_list))]
         if WITH_CUTLASS:
             define_macros.append(("FASTRES_WITH_CUTLASS", "1"))
+        if WITH_SM90:
+            define_macros.append(("FASTRES_WITH_SM90", "1"))
         include_dirs += cuda_include_dirs(CUDA_HOME)
         _log(f"building fastres._C as a CUDAExtension with CUDA kernels ({WHY}; "
              f"TORCH_CUDA_ARCH_LIST={arch_list})")
         if WITH_CUTLASS:
             _log(f"building the CUTLASS conv kernels (conv_bn_act_cuda) with CUTLASS from {CUTLASS_WHY}")
+            _log("building the Hopper (sm_90a) conv kernels" if WITH_SM90 else
+                 "building WITHOUT the Hopper conv kernels: TORCH_CUDA_ARCH_LIST has no 9.0/9.0a entry")
         else:
             _log(f"building WITHOUT the conv kernels (conv_bn_act_cuda): {CUTLASS_WHY}")
         extension, extra_compile_args = CUDAExtension, {"cxx": cxx_flags, "nvcc": nvcc_flags}
@@ -293,7 +323,7 @@ def get_extension():
     return (
         extension(
             "fastres._C",
-            collect_sources(WITH_CUDA, WITH_CUTLASS),
+            collect_sources(WITH_CUDA, WITH_CUTLASS, WITH_SM90),
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,

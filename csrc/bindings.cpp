@@ -103,6 +103,33 @@ TORCH_LIBRARY(fastres, m) {
   m.def(
       "_conv_bn_act_cuda_unsupported(ScalarType dtype, int C, int H, int W, int K, int R, int S, int[] stride, "
       "int[] padding, int[] dilation, int groups, int sm_major) -> str");
+
+  // The kernel conv_bn_act_cuda runs such a conv with, for a batch of N on a
+  // GPU of compute capability sm_major.x with `sms` SMs ("sm90 128x128x64
+  // cluster 2x1x1", "sm80 128x64x32", ...), or "unsupported: <why>": the one
+  // routing rule between the Hopper (CUTLASS 3.x) and Sm80 (CUTLASS 2.x) kernels.
+  m.def(
+      "_conv_bn_act_cuda_kernel(ScalarType dtype, int N, int C, int H, int W, int K, int R, int S, int[] stride, "
+      "int[] padding, int[] dilation, int groups, int sm_major, int sms) -> str");
+
+  // "" if the Hopper kernels run such a conv on a GPU of compute capability
+  // sm_major.x, else why not (then the Sm80 kernels do, or another backend).
+  m.def(
+      "_conv_bn_act_cuda_sm90_unsupported(ScalarType dtype, int C, int H, int W, int K, int R, int S, "
+      "int[] stride, int[] padding, int[] dilation, int groups, int sm_major) -> str");
+
+  // The names of the compiled conv kernels (fastres.info lists them).
+  m.def("_conv_bn_act_cuda_kernels() -> str[]");
+
+#ifdef FASTRES_WITH_SM90
+  // What the Hopper kernel `tile` (0: 128x128x64, 1: 128x64x64) would run for
+  // conv2d of x (N, C, H, W) and weight (K, C, R, S), from CUTLASS's host code
+  // alone (no GPU): [implementable, workspace bytes, GEMM M, N, K, output N, P,
+  // Q, K, shared memory bytes per CTA, threads per CTA, pipeline stages, cluster M].
+  m.def(
+      "_conv_bn_act_cuda_sm90_plan(ScalarType dtype, int tile, int N, int C, int H, int W, int K, int R, int S, "
+      "int[] stride, int[] padding, int[] dilation) -> int[]");
+#endif
 #endif
 
   // The CUDA architectures of the compiled kernels, space-separated; "" when

@@ -36,6 +36,29 @@ def cuda_arch_list() -> Optional[List[str]]:
     return torch.ops.fastres._cuda_arch_list().split()
 
 
+def cuda_conv_kernels() -> List[str]:
+    """The compiled fused-conv kernels (``conv_bn_act_cuda``), as the routing rule names
+    them ("sm90 128x128x64 cluster 2x1x1", "sm80 128x64x32", ...); [] without them."""
+    if not LOADED or not hasattr(torch.ops.fastres, "_conv_bn_act_cuda_kernels"):
+        return []
+    return list(torch.ops.fastres._conv_bn_act_cuda_kernels())
+
+
+def cuda_conv_kernel(dtype: torch.dtype, n: int, c: int, h: int, w: int, k: int, r: int, s: int,
+                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                     device: torch.device) -> str:
+    """The kernel ``conv_bn_act_cuda`` runs this convolution (batch ``n``) with on the
+    CUDA ``device`` (the routing rule's name, e.g. "sm90 128x128x64 cluster 2x1x1"),
+    or "unsupported: <why>"; "" without the CUTLASS conv kernels."""
+    if not LOADED or not hasattr(torch.ops.fastres, "_conv_bn_act_cuda_kernel"):
+        return ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major = torch.cuda.get_device_capability(index)[0]
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    return torch.ops.fastres._conv_bn_act_cuda_kernel(
+        dtype, n, c, h, w, k, r, s, list(stride), list(padding), list(dilation), groups, major, sms)
+
+
 def runs_on(arch_list: Sequence[str], capability: Tuple[int, int]) -> bool:
     """Whether kernels compiled for ``arch_list`` (TORCH_CUDA_ARCH_LIST entries) run on
     a GPU of compute capability ``capability``.

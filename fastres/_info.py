@@ -28,6 +28,7 @@ def info() -> Dict[str, Any]:
         "cuda_ext_error": _extension.LOAD_ERROR,
         "cuda_kernels": _extension.has_cuda_kernels(),
         "cuda_arch_list": _extension.cuda_arch_list(),
+        "cuda_conv_kernels": _extension.cuda_conv_kernels(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "backends": [b for b, why in availability.items() if why is None],
         "unavailable": {b: why for b, why in availability.items() if why is not None},

@@ -170,6 +170,19 @@ C10_HOST_DEVICE inline T act_forward(T z) {
   }
 }
 
+// act(z) for a runtime activation code (a kernel that keeps the activation a
+// runtime value, uniform over the grid: the fused conv epilogues).
+C10_HOST_DEVICE inline float apply_activation(int activation, float z) {
+  switch (static_cast<Activation>(activation)) {
+    case Activation::kRelu:
+      return act_forward<Activation::kRelu>(z);
+    case Activation::kSilu:
+      return act_forward<Activation::kSilu>(z);
+    default:
+      return z;
+  }
+}
+
 // g * act'(z): the gradient with respect to z given the output gradient g.
 template <Activation ACT, typename T>
 C10_HOST_DEVICE inline T act_backward(T z, T g) {

@@ -4,15 +4,23 @@
 //   ----------------------------------------------------------  -------------------------------------------------
 //   conv_bn_act_cuda(x, weight, scale, shift, residual?,        y = act(conv2d(x, weight, stride, padding, dilation,
 //       stride, padding, dilation, groups, activation)                 groups) * scale[k] + shift[k] (+ residual))
-//   _conv_bn_act_cuda_unsupported(dtype, C, K, R, S, groups,   "" if conv_bn_act_cuda runs such a conv on a GPU of
-//       sm_major)                                                compute capability sm_major.x, else why not
+//   _conv_bn_act_cuda_unsupported(dtype, C, H, W, K, R, S,     "" if conv_bn_act_cuda runs such a conv on a GPU of
+//       stride, padding, dilation, groups, sm_major)             compute capability sm_major.x, else why not
+//   _conv_bn_act_cuda_kernel(dtype, N, C, H, W, K, R, S,       the kernel conv_bn_act_cuda runs it with there
+//       stride, padding, dilation, groups, sm_major, sms)        ("sm90 128x128x64", "sm80 128x64x32", ...)
+//   _conv_bn_act_cuda_sm90_unsupported(same as _unsupported)   "" if the Hopper kernels take it, else why not
+//   _conv_bn_act_cuda_sm90_plan(dtype, tile, N, C, H, W, K,    what CUTLASS would run for it (host arithmetic only)
+//       R, S, stride, padding, dilation)
+//   _conv_bn_act_cuda_kernels()                                 the compiled kernels' names
 //
 // It replaces `relu(bn(conv(x)) (+ residual))` with an eval-mode BatchNorm
 // folded into fp32 (scale, shift) (fastres.ops.bn_scale_shift); the truth is
-// fastres.reference.conv_bn_act. The convolution runs as a CUTLASS 2.x Sm80
-// tensor-core implicit GEMM whose epilogue applies scale, shift, residual and
-// activation to the fp32 accumulator before the single rounding to the output
-// dtype (conv_bn_act.cuh; design and routing: docs/cuda_conv.md).
+// fastres.reference.conv_bn_act. The convolution runs as a CUTLASS tensor-core
+// implicit GEMM whose epilogue applies scale, shift, residual and activation to
+// the fp32 accumulator before the single rounding to the output dtype: on
+// Hopper, a CUTLASS 3.x sm90 kernel (TMA, WGMMA; conv_bn_act_sm90.cuh) for the
+// shapes it takes, else a CUTLASS 2.x Sm80 kernel (conv_bn_act.cuh); one rule
+// picks (choose_kernel; design and routing: docs/cuda_conv.md).
 //
 // This file: argument checks (messages name the argument and what was
 // expected), the shapes the kernels support, NCHW <-> NHWC and channel padding,
@@ -70,6 +78,7 @@ using conv::ConvDtype;
 using conv::ConvLaunchResult;
 using conv::ConvProblem;
 using conv::ConvTile;
+using conv::Sm90Tile;
 
 constexpr const char* kOp = "conv_bn_act_cuda";
 
@@ -237,7 +246,7 @@ TileShape choose_tile(ConvDtype dtype, int64_t M, int64_t K, int64_t groups, int
       return t;
     }
     TORCH_CHECK_VALUE(false, kOp, ": FASTRES_CUDA_CONV_TILE=", forced,
-                      " is not a tile; expected one of 128x128, 128x64, 64x64, 128x32");
+                      " is not a tile; expected one of 128x128, 128x64, 64x64, 128x32, sm90-128x128, sm90-128x64");
   }
   std::vector<TileShape> fit;
   for (const TileShape& t : k16BitTiles) {
@@ -275,6 +284,112 @@ const char* tile_name(ConvTile tile) {
       return "tf32 128x64x16";
   }
   return "?";
+}
+
+// ===========================================================================
+// The Hopper kernels: which shapes they take, and the one choice of kernel.
+// ===========================================================================
+
+#ifdef FASTRES_WITH_SM90
+constexpr bool kSm90Built = true;
+#else
+constexpr bool kSm90Built = false;
+#endif
+
+// "" if the sm90 kernels (conv_bn_act_sm90.cuh) run `g` on a device of compute
+// capability `major`.x, else why not; `g` must already pass unsupported_reason.
+// The limits are those of CUTLASS's sm90 conv collective (can_implement): TMA's
+// 16-byte alignment of every channel row, im2col TMA's 8-bit signed corners
+// and 8-bit filter offsets for 2-D convolutions, and no groups.
+std::string sm90_unsupported_reason(const ConvGeometry& g, int major) {
+  std::ostringstream os;
+  const int64_t corner_hi[2] = {g.padding[0] - (g.R - 1) * g.dilation[0], g.padding[1] - (g.S - 1) * g.dilation[1]};
+  if (!kSm90Built) {
+    os << "fastres._C was built without the sm_90a kernels (TORCH_CUDA_ARCH_LIST had no 9.0 or 9.0a entry)";
+  } else if (major != 9) {
+    os << "the sm90 kernels (TMA, WGMMA: sm_90a) run only on compute capability 9.x; this GPU has " << major << ".x";
+  } else if (g.dtype != at::kHalf && g.dtype != at::kBFloat16) {
+    os << dtype_name(g.dtype) << " runs on the Sm80 TF32 kernel (the sm90 kernels are float16/bfloat16)";
+  } else if (g.groups > 1) {
+    os << "CUTLASS's sm90 conv collective has no grouped convolution (groups=" << g.groups << ")";
+  } else if (g.C <= 4) {
+    os << "the stem (C=" << g.C << ") runs on the Sm80 fixed-channels kernel, which packs 8 filter positions of 4 "
+          "channels into one 32-deep k-tile; the sm90 mainloop reduces one filter position per 64-channel k-tile "
+          "(a 7x7 stem: 49 k-tiles of 64 against 7 of 32, 14x the MMAs)";
+  } else if (g.C % 8 != 0 || g.K % 8 != 0) {
+    os << "TMA needs 16-byte channel rows: C and K multiples of 8, got C=" << g.C << ", K=" << g.K;
+  } else if (std::max(g.padding[0], g.padding[1]) > 128 || std::min(corner_hi[0], corner_hi[1]) < -128 ||
+             std::max(corner_hi[0], corner_hi[1]) > 127 || (g.R - 1) * g.dilation[0] > 254 ||
+             (g.S - 1) * g.dilation[1] > 254) {
+    os << "im2col TMA holds 2-D corners in [-128, 127] and filter offsets below 255: padding [" << g.padding[0]
+       << ", " << g.padding[1] << "] with a " << g.R << "x" << g.S << " window dilated [" << g.dilation[0] << ", "
+       << g.dilation[1] << "] is outside";
+  } else if (g.stride[0] > 8 || g.stride[1] > 8) {
+    os << "im2col TMA traverses with strides of at most 8, got [" << g.stride[0] << ", " << g.stride[1] << "]";
+  }
+  return os.str();
+}
+
+struct Sm90TileShape {
+  Sm90Tile tile;
+  const char* name;
+  int64_t m, n;
+};
+const Sm90TileShape kSm90Tiles[] = {
+    {Sm90Tile::k128x128, "sm90-128x128", 128, 128},
+    {Sm90Tile::k128x64, "sm90-128x64", 128, 64},
+};
+
+// The kernel of one launch: an sm90 tile or an Sm80 ConvTile.
+struct KernelChoice {
+  bool sm90 = false;
+  Sm90Tile sm90_tile = Sm90Tile::k128x128;
+  ConvTile tile = ConvTile::k128x128;
+  std::string name() const {
+    if (sm90) return std::string("sm90 ") + (sm90_tile == Sm90Tile::k128x128 ? "128x128x64" : "128x64x64") +
+                     " cluster 2x1x1";
+    return std::string("sm80 ") + tile_name(tile);
+  }
+};
+
+// The one choice of kernel for `g` with M = N*P*Q output pixels on a GPU of
+// compute capability `major`.x with `sms` SMs (g passes unsupported_reason):
+//   1. the sm90 kernels when sm90_unsupported_reason(g) is "": 128x128 when K
+//      is a multiple of 128 and its CTAs fill a wave, else 128x64 (K = 64
+//      layers; twice the CTAs where 128x128 would leave SMs idle);
+//   2. else the Sm80 kernels: the stem kernel for C <= 4, else choose_tile.
+// $FASTRES_CUDA_CONV_TILE forces a tile: sm90-128x128 or sm90-128x64 (an
+// sm90 shape on an sm90 GPU), or an Sm80 tile (128x128, 128x64, 64x64,
+// 128x32), which also keeps a Hopper GPU on the Sm80 kernels.
+KernelChoice choose_kernel(const ConvGeometry& g, int64_t M, int major, int sms) {
+  KernelChoice choice;
+  const char* forced_env = std::getenv("FASTRES_CUDA_CONV_TILE");
+  const std::string forced = forced_env == nullptr ? "" : forced_env;
+  const bool force_sm80 = !forced.empty() && forced.rfind("sm90-", 0) != 0;
+  const std::string sm90_reason = sm90_unsupported_reason(g, major);
+  if (!force_sm80 && sm90_reason.empty()) {
+    choice.sm90 = true;
+    if (!forced.empty()) {
+      for (const Sm90TileShape& t : kSm90Tiles) {
+        if (forced == t.name) {
+          choice.sm90_tile = t.tile;
+          return choice;
+        }
+      }
+      TORCH_CHECK_VALUE(false, kOp, ": FASTRES_CUDA_CONV_TILE=", forced, " is not a tile; expected one of "
+                        "sm90-128x128, sm90-128x64, 128x128, 128x64, 64x64, 128x32");
+    }
+    const int64_t wide_ctas = ceil_div(M, 128) * ceil_div(g.K, 128);
+    choice.sm90_tile = g.K % 128 == 0 && wide_ctas >= sms ? Sm90Tile::k128x128 : Sm90Tile::k128x64;
+    return choice;
+  }
+  TORCH_CHECK_VALUE(force_sm80 || forced.empty(), kOp, ": FASTRES_CUDA_CONV_TILE=", forced,
+                    " forces an sm90 tile, which cannot run this conv: ", sm90_reason);
+  const ConvDtype kdtype = g.dtype == at::kHalf       ? ConvDtype::kF16
+                           : g.dtype == at::kBFloat16 ? ConvDtype::kBF16
+                                                      : ConvDtype::kF32;
+  choice.tile = g.stem() ? ConvTile::kStem : choose_tile(kdtype, M, g.k_pad(), g.groups, sms).tile;
+  return choice;
 }
 
 // ===========================================================================
@@ -345,12 +460,12 @@ void check_vector(const char* name, const at::Tensor& v, int64_t K, const at::Te
                     " (one value per output channel) on ", x.device(), ", got ", describe(v));
 }
 
-void check_launch(const ConvLaunchResult& r, const ConvProblem& p, ConvTile tile) {
+void check_launch(const ConvLaunchResult& r, const ConvProblem& p, const KernelChoice& kernel) {
   if (r.status == 0) return;
   std::ostringstream os;
   os << kOp << ": CUTLASS " << r.stage << " failed (" << r.status_string;
   if (r.cuda != cudaSuccess) os << "; CUDA error " << cudaGetErrorName(r.cuda) << ": " << cudaGetErrorString(r.cuda);
-  os << ") for the " << tile_name(tile) << " kernel on N=" << p.N << " H=" << p.H << " W=" << p.W << " C=" << p.C
+  os << ") for the " << kernel.name() << " kernel on N=" << p.N << " H=" << p.H << " W=" << p.W << " C=" << p.C
      << " K=" << p.K << " R=" << p.R << " S=" << p.S << " P=" << p.P << " Q=" << p.Q << " groups=" << p.groups;
   if (r.cuda == cudaSuccess) {  // CUTLASS refused the problem: the host code's preparation is wrong
     os << "; expected dense 16-byte-aligned NHWC/KRSC operands with C/groups and K/groups multiples of the "
@@ -360,14 +475,32 @@ void check_launch(const ConvLaunchResult& r, const ConvProblem& p, ConvTile tile
   TORCH_CHECK(false, os.str());
 }
 
-ConvLaunchResult run(ConvDtype dtype, ConvTile tile, const ConvProblem& p, cudaStream_t stream) {
+#ifdef FASTRES_WITH_SM90
+conv::Sm90Plan plan_sm90(ConvDtype dtype, Sm90Tile tile, const ConvProblem& p) {
+  return dtype == ConvDtype::kF16 ? conv::plan_conv_sm90_f16(tile, p) : conv::plan_conv_sm90_bf16(tile, p);
+}
+#endif
+
+// One launch of `kernel` (an sm90 kernel gets its workspace, if any, from the
+// caching allocator with `options`' device).
+ConvLaunchResult run(ConvDtype dtype, const KernelChoice& kernel, const ConvProblem& p, int sms,
+                     const at::TensorOptions& options, cudaStream_t stream) {
+  if (kernel.sm90) {
+#ifdef FASTRES_WITH_SM90
+    const int64_t bytes = plan_sm90(dtype, kernel.sm90_tile, p).workspace_bytes;
+    const at::Tensor workspace = bytes > 0 ? at::empty({bytes}, options.dtype(at::kByte)) : at::Tensor();
+    void* ws = bytes > 0 ? workspace.data_ptr() : nullptr;
+    return dtype == ConvDtype::kF16 ? conv::run_conv_sm90_f16(kernel.sm90_tile, p, ws, sms, stream)
+                                    : conv::run_conv_sm90_bf16(kernel.sm90_tile, p, ws, sms, stream);
+#endif
+  }
   switch (dtype) {
     case ConvDtype::kF16:
-      return conv::run_conv_f16(tile, p, stream);
+      return conv::run_conv_f16(kernel.tile, p, stream);
     case ConvDtype::kBF16:
-      return conv::run_conv_bf16(tile, p, stream);
+      return conv::run_conv_bf16(kernel.tile, p, stream);
     case ConvDtype::kF32:
-      return conv::run_conv_tf32(tile, p, stream);
+      return conv::run_conv_tf32(kernel.tile, p, stream);
   }
   return ConvLaunchResult{};
 }
@@ -441,7 +574,6 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   }
 
   // Channel padding (ConvGeometry::c_pad, k_pad).
-  const bool stem = geom.stem();
   const int64_t c_pad = geom.c_pad(), k_pad = geom.k_pad();
 
   const at::Tensor x = nhwc(x_in, c_pad);
@@ -460,9 +592,8 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   const ConvDtype kdtype = dtype == at::kHalf ? ConvDtype::kF16
                            : dtype == at::kBFloat16 ? ConvDtype::kBF16
                                                     : ConvDtype::kF32;
-  const int64_t M = N * P * Q;
-  const ConvTile tile =
-      stem ? ConvTile::kStem : choose_tile(kdtype, M, k_pad, groups, sm_count(device)).tile;
+  const int sms = sm_count(device);
+  const KernelChoice kernel = choose_kernel(geom, N * P * Q, device_major(device), sms);
 
   // Batch chunks: each launch keeps x, weight and output below 2^31 bytes (unsupported_reason
   // checked the weight and one image of each).
@@ -500,10 +631,22 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
     p.scale = scale_v.const_data_ptr<float>();
     p.shift = shift_v.const_data_ptr<float>();
     p.activation = static_cast<int>(act);
-    check_launch(run(kdtype, tile, p, stream), p, tile);
+    check_launch(run(kdtype, kernel, p, sms, x.options(), stream), p, kernel);
   }
   if (!direct) out.copy_(k_pad == K ? y : y.narrow(1, 0, K));
   return out;
+}
+
+// One convolution geometry from an op's plain arguments (checked).
+ConvGeometry geometry_arg(const char* op, at::ScalarType dtype, int64_t C, int64_t H, int64_t W, int64_t K,
+                          int64_t R, int64_t S, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, op, ": expected C and K divisible by "
+                    "groups >= 1, got C=", C, ", K=", K, ", groups=", groups);
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": expected `stride`, `padding` and `dilation` of 2 values each");
+  return ConvGeometry{dtype, C, H, W, K, R, S, groups, {stride[0], stride[1]}, {padding[0], padding[1]},
+                      {dilation[0], dilation[1]}};
 }
 
 // The one rule without a GPU: `major` is the device's compute capability
@@ -512,15 +655,84 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
 std::string conv_bn_act_cuda_unsupported(at::ScalarType dtype, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R,
                                          int64_t S, at::IntArrayRef stride, at::IntArrayRef padding,
                                          at::IntArrayRef dilation, int64_t groups, int64_t major) {
-  const char* op = "_conv_bn_act_cuda_unsupported";
-  TORCH_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, op, ": expected C and K divisible by "
-                    "groups >= 1, got C=", C, ", K=", K, ", groups=", groups);
-  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-                    ": expected `stride`, `padding` and `dilation` of 2 values each");
-  const ConvGeometry g{dtype, C, H, W, K, R, S, groups, {stride[0], stride[1]}, {padding[0], padding[1]},
-                       {dilation[0], dilation[1]}};
+  const ConvGeometry g =
+      geometry_arg("_conv_bn_act_cuda_unsupported", dtype, C, H, W, K, R, S, stride, padding, dilation, groups);
   return unsupported_reason(g, static_cast<int>(major));
 }
+
+// The kernel conv_bn_act_cuda would run a batch of N with, on a GPU of
+// compute capability `major`.x with `sms` SMs: choose_kernel's name, or
+// "unsupported: <why>" for a conv it refuses.
+std::string conv_bn_act_cuda_kernel(at::ScalarType dtype, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
+                                    int64_t R, int64_t S, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, int64_t major, int64_t sms) {
+  const ConvGeometry g =
+      geometry_arg("_conv_bn_act_cuda_kernel", dtype, C, H, W, K, R, S, stride, padding, dilation, groups);
+  const std::string reason = unsupported_reason(g, static_cast<int>(major));
+  if (!reason.empty()) return "unsupported: " + reason;
+  return choose_kernel(g, N * g.P() * g.Q(), static_cast<int>(major), static_cast<int>(sms)).name();
+}
+
+std::string conv_bn_act_cuda_sm90_unsupported(at::ScalarType dtype, int64_t C, int64_t H, int64_t W, int64_t K,
+                                              int64_t R, int64_t S, at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation, int64_t groups, int64_t major) {
+  const ConvGeometry g =
+      geometry_arg("_conv_bn_act_cuda_sm90_unsupported", dtype, C, H, W, K, R, S, stride, padding, dilation, groups);
+  const std::string reason = unsupported_reason(g, static_cast<int>(major));
+  return reason.empty() ? sm90_unsupported_reason(g, static_cast<int>(major)) : reason;
+}
+
+// The names of the compiled kernels, as choose_kernel names them.
+std::vector<std::string> conv_bn_act_cuda_kernels() {
+  std::vector<std::string> names;
+  for (const TileShape& t : k16BitTiles) names.push_back(KernelChoice{false, Sm90Tile::k128x128, t.tile}.name());
+  names.push_back(KernelChoice{false, Sm90Tile::k128x128, ConvTile::kStem}.name());
+  names.push_back(KernelChoice{false, Sm90Tile::k128x128, ConvTile::kTf32}.name());
+  if (kSm90Built) {
+    for (const Sm90TileShape& t : kSm90Tiles) names.push_back(KernelChoice{true, t.tile}.name());
+  }
+  return names;
+}
+
+#ifdef FASTRES_WITH_SM90
+// What the sm90 kernel `tile` (0: 128x128, 1: 128x64) would run for
+// conv2d(x (N, C, H, W), weight (K, C, R, S)), from CUTLASS's host code alone:
+// [implementable, workspace bytes, GEMM M, N, K, output N, P, Q, K,
+//  shared memory bytes, threads, pipeline stages, cluster M].
+std::vector<int64_t> conv_bn_act_cuda_sm90_plan(at::ScalarType dtype, int64_t tile, int64_t N, int64_t C, int64_t H,
+                                                int64_t W, int64_t K, int64_t R, int64_t S, at::IntArrayRef stride,
+                                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "_conv_bn_act_cuda_sm90_plan";
+  const ConvGeometry g = geometry_arg(op, dtype, C, H, W, K, R, S, stride, padding, dilation, 1);
+  TORCH_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16, op, ": expected `dtype` float16 or bfloat16, got ",
+                    dtype_name(dtype));
+  TORCH_CHECK_VALUE(tile == 0 || tile == 1, op, ": expected `tile` 0 (128x128) or 1 (128x64), got ", tile);
+  const int64_t int_max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(std::max({N, C, H, W, K, R, S}) <= int_max && g.P() >= 1 && g.Q() >= 1, op,
+                    ": expected a non-empty output and extents below 2^31");
+  ConvProblem p{};
+  p.N = static_cast<int>(N);
+  p.H = static_cast<int>(H);
+  p.W = static_cast<int>(W);
+  p.C = static_cast<int>(C);
+  p.K = static_cast<int>(K);
+  p.R = static_cast<int>(R);
+  p.S = static_cast<int>(S);
+  p.P = static_cast<int>(g.P());
+  p.Q = static_cast<int>(g.Q());
+  p.pad_h = static_cast<int>(padding[0]);
+  p.pad_w = static_cast<int>(padding[1]);
+  p.stride_h = static_cast<int>(stride[0]);
+  p.stride_w = static_cast<int>(stride[1]);
+  p.dil_h = static_cast<int>(dilation[0]);
+  p.dil_w = static_cast<int>(dilation[1]);
+  p.groups = 1;
+  const ConvDtype kdtype = dtype == at::kHalf ? ConvDtype::kF16 : ConvDtype::kBF16;
+  const conv::Sm90Plan r = plan_sm90(kdtype, static_cast<Sm90Tile>(tile), p);
+  return {r.implementable, r.workspace_bytes, r.gemm_m, r.gemm_n, r.gemm_k, r.out_n, r.out_p, r.out_q, r.out_k,
+          r.smem_bytes, r.threads, r.stages, r.cluster_m};
+}
+#endif
 
 }  // namespace
 }  // namespace fastres
@@ -531,4 +743,10 @@ TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(fastres, CompositeImplicitAutograd, m) {
   m.impl("_conv_bn_act_cuda_unsupported", &fastres::conv_bn_act_cuda_unsupported);
+  m.impl("_conv_bn_act_cuda_kernel", &fastres::conv_bn_act_cuda_kernel);
+  m.impl("_conv_bn_act_cuda_sm90_unsupported", &fastres::conv_bn_act_cuda_sm90_unsupported);
+  m.impl("_conv_bn_act_cuda_kernels", &fastres::conv_bn_act_cuda_kernels);
+#ifdef FASTRES_WITH_SM90
+  m.impl("_conv_bn_act_cuda_sm90_plan", &fastres::conv_bn_act_cuda_sm90_plan);
+#endif
 }

@@ -115,6 +115,36 @@ ConvLaunchResult run_conv_f16(ConvTile tile, const ConvProblem& p, cudaStream_t 
 ConvLaunchResult run_conv_bf16(ConvTile tile, const ConvProblem& p, cudaStream_t stream);
 ConvLaunchResult run_conv_tf32(ConvTile tile, const ConvProblem& p, cudaStream_t stream);
 
+// The Hopper (sm_90a) kernels, CUTLASS 3.x (conv_bn_act_sm90.cuh; built when
+// TORCH_CUDA_ARCH_LIST has 9.0a, FASTRES_WITH_SM90). 16-bit only, groups == 1,
+// C and K multiples of 8; the tile is M x N x 64, the cluster 2 x 1 x 1.
+enum class Sm90Tile : int {
+  k128x128 = 0,  // 128x128x64, one consumer warpgroup (128 fp32 accumulators per thread)
+  k128x64 = 1,   // 128x64x64 (K = 64 layers, and more CTAs where 128x128 leaves SMs idle)
+};
+
+// What an sm90 kernel would run for a problem, computed on the host alone
+// (plan_conv_sm90_*: no GPU or driver needed): CUTLASS's can_implement and
+// workspace size, the implicit GEMM's extents (M = N*P*Q, N = K,
+// K = R*S*C) and output [N, P, Q, K] as CUTLASS derives them, and the CTA's
+// shared memory, threads, pipeline stages and cluster size.
+struct Sm90Plan {
+  bool implementable = false;
+  int64_t workspace_bytes = 0;
+  int64_t gemm_m = 0, gemm_n = 0, gemm_k = 0;
+  int out_n = 0, out_p = 0, out_q = 0, out_k = 0;
+  int smem_bytes = 0, threads = 0, stages = 0, cluster_m = 0;
+};
+
+Sm90Plan plan_conv_sm90_f16(Sm90Tile tile, const ConvProblem& p);
+Sm90Plan plan_conv_sm90_bf16(Sm90Tile tile, const ConvProblem& p);
+// Checks can_implement, builds the TMA descriptors and launches on `stream`
+// (`workspace`: plan's workspace_bytes, or nullptr for 0; `sms`: the GPU's SM count).
+ConvLaunchResult run_conv_sm90_f16(Sm90Tile tile, const ConvProblem& p, void* workspace, int sms,
+                                   cudaStream_t stream);
+ConvLaunchResult run_conv_sm90_bf16(Sm90Tile tile, const ConvProblem& p, void* workspace, int sms,
+                                    cudaStream_t stream);
+
 #ifndef FASTRES_CONV_INTERFACE_ONLY
 
 // ===========================================================================
@@ -149,18 +179,6 @@ struct BnActOutputOp {
   CUTLASS_HOST_DEVICE bool is_source_needed() const { return params.has_residual; }
   CUTLASS_HOST_DEVICE void set_k_partition(int, int) {}
 };
-
-// act(z) for the runtime activation code (activations.cuh formulas).
-CUTLASS_DEVICE float apply_activation(int activation, float z) {
-  switch (static_cast<Activation>(activation)) {
-    case Activation::kRelu:
-      return act_forward<Activation::kRelu>(z);
-    case Activation::kSilu:
-      return act_forward<Activation::kSilu>(z);
-    default:
-      return z;
-  }
-}
 
 // The EpilogueWithVisitor visitor (concept: cutlass::epilogue::threadblock::
 // EpilogueFusedVisitorConcept). Per step (an OutputTileIterator::kIterations
