@@ -4,8 +4,10 @@
 # device tool, each under its 10-minute limit.
 #
 #   bash scripts/gpu_check.sh verdict   # call 1, <= 8 min: build (or the prebuilt
-#                                       # extension), GPU tests, compute-sanitizer,
-#                                       # conv check; warms the Triton cache
+#                                       # extension), the Hopper conv kernels' tests and
+#                                       # compute-sanitizer first, then the GPU tests,
+#                                       # compute-sanitizer, conv check; warms the
+#                                       # Triton cache
 #   bash scripts/gpu_check.sh bench     # call 2: the quick benchmark, on the warm cache
 #   STEPS="tests sanitize" bash scripts/gpu_check.sh   # chosen steps
 #
@@ -31,9 +33,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT" .gpu
 case "${1:-}" in
-  verdict) STEPS=${STEPS:-"build tests sanitize conv warm"}; BUDGET=${BUDGET:-470} ;;
+  verdict) STEPS=${STEPS:-"build sm90 tests sanitize conv warm"}; BUDGET=${BUDGET:-470} ;;
   bench) STEPS=${STEPS:-"build tune bench"}; BUDGET=${BUDGET:-570} ;;
-  "") STEPS=${STEPS:-"build tests sanitize conv warm"}; BUDGET=${BUDGET:-470} ;;
+  "") STEPS=${STEPS:-"build sm90 tests sanitize conv warm"}; BUDGET=${BUDGET:-470} ;;
   *) echo "usage: bash scripts/gpu_check.sh [verdict|bench]" >&2; exit 2 ;;
 esac
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -61,7 +63,7 @@ export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 
 # Steps after the current one, with the seconds each needs at least: the tests
 # get what is left of BUDGET once these are set aside.
-declare -A RESERVE=([build]=0 [tests]=0 [sanitize]=75 [conv]=45 [warm]=40 [tune]=0 [bench]=300)
+declare -A RESERVE=([build]=0 [sm90]=0 [tests]=0 [sanitize]=75 [conv]=45 [warm]=40 [tune]=0 [bench]=300)
 rows=()
 step() {  # step NAME TIMEOUT_S COMMAND...: runs it with the timeout, cut to the budget left
   local name=$1 limit=$2 t0=$SECONDS rc verdict later=0 s
@@ -106,12 +108,17 @@ pytest_args=(-q -rfE -p no:cacheprovider --durations=10)
 python3 -c "import xdist" 2>/dev/null && pytest_args+=(-n 8 --dist loadfile)
 
 step build 240 bash -c build
+# The CUTLASS sm90 conv kernels first: their tests, then every conv kernel under
+# memcheck (scripts/sanitize_cases.py runs the Hopper tiles before the others).
+step sm90 120 bash -c '
+  set -e
+  python3 -m pytest tests/test_cuda_sm90.py -q -rfE -p no:cacheprovider
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda-conv'
 step tests 400 python3 -m pytest tests "${pytest_args[@]}"
 step sanitize 120 bash -c '
   set -e
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda
   compute-sanitizer --tool racecheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda
-  compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py cuda-conv
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_cases.py triton'
 step conv 90 python3 -m benchmarks.gpu_conv --batches 64 --out "$OUT/conv.json"
 # Compiles and autotunes the benchmark's Triton kernels into the cache for call 2.

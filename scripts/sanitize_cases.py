@@ -9,7 +9,8 @@ sanitizer run also checks values.
 
 ``cuda-conv`` runs the CUTLASS convolution ``conv_bn_act_cuda`` instead: one
 small case per kernel configuration (each 16-bit tile forced through
-FASTRES_CUDA_CONV_TILE, the fixed-channel stem kernel, the TF32 kernel), with
+FASTRES_CUDA_CONV_TILE, the Hopper tiles first on an sm_90 GPU, the
+fixed-channel stem kernel, the TF32 kernel), with
 partial tiles, channel padding, both memory formats, residual or not:
 
     compute-sanitizer --tool memcheck python scripts/sanitize_cases.py cuda-conv
@@ -20,7 +21,7 @@ import sys
 
 import torch
 
-from fastres import ops, reference
+from fastres import _extension, ops, reference
 
 SHAPES = [(2, 8, 4, 4), (1, 3, 7, 9), (2, 16, 1, 1), (3, 5, 3, 5)]
 
@@ -64,6 +65,10 @@ def main(backend: str = "cuda") -> int:
 
 # (tile forced or None, dtype, (N, C, H, W), (K, R, S), stride, padding, dilation, groups, format, residual, act)
 CONV_CASES = [
+    # The Hopper kernels first (skipped with a note off sm_90 or when not built).
+    ("sm90-128x128", torch.bfloat16, (2, 64, 9, 7), (136, 3, 3), 1, 1, 1, 1, torch.channels_last, True, "relu"),
+    ("sm90-128x64", torch.float16, (1, 24, 11, 13), (72, 1, 1), 2, 0, 1, 1, torch.contiguous_format, True, "silu"),
+    ("sm90-128x64", torch.bfloat16, (2, 16, 7, 9), (40, 3, 3), 1, 2, 2, 1, torch.channels_last, False, "identity"),
     ("128x128", torch.float16, (2, 32, 9, 9), (136, 3, 3), 1, 1, 1, 1, torch.channels_last, True, "relu"),
     ("128x64", torch.bfloat16, (2, 64, 9, 7), (64, 1, 1), 2, 0, 1, 1, torch.contiguous_format, False, "silu"),
     ("64x64", torch.float16, (1, 40, 7, 7), (72, 3, 3), 1, 2, 2, 1, torch.channels_last, True, "identity"),
@@ -76,7 +81,12 @@ CONV_CASES = [
 def conv_main() -> int:
     """Each conv_bn_act_cuda kernel configuration once, checked against the reference."""
     failures = 0
+    sm90 = torch.cuda.get_device_capability()[0] == 9 and any(
+        k.startswith("sm90") for k in _extension.cuda_conv_kernels())
     for tile, dtype, xs, (k, r, s), stride, padding, dilation, groups, fmt, with_res, act in CONV_CASES:
+        if tile is not None and tile.startswith("sm90") and not sm90:
+            print(f"skipped {tile}: not an sm_90 GPU or the Hopper kernels are not built")
+            continue
         os.environ.pop("FASTRES_CUDA_CONV_TILE", None)
         if tile is not None:
             os.environ["FASTRES_CUDA_CONV_TILE"] = tile
