@@ -19,7 +19,9 @@ Needs a CUDA GPU. Everything is bf16 channels_last (``--dtype`` to change).
      bias in fp32, then cast (what a deployment would fold); the downsample
      convs (no activation) use ``F.conv2d`` with the folded bias;
    * ``fastres``: ``fastres.ops.conv_bn_act(backend=...)``, autotuned before timing; with
-     ``--backend auto`` the ``backend`` column says which backend fastres.tune chose.
+     ``--backend auto`` the ``backend`` column says which backend fastres.tune chose,
+     and ``cuda kernel`` which CUTLASS kernel the ``cuda`` backend runs the shape
+     with on this GPU (sm90 or sm80 tile, or why it does not).
    Reports times, speedups, achieved TFLOP/s, the geometric-mean speedups and
    the whole network's conv time (each shape times its count).
 """
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import cases
-from fastres import backends, tune
+from fastres import _extension, backends, tune
 
 # Columns of this script's output, and the benchmarks.cases provider each one is.
 PROVIDERS = {"eager": "eager", "cudnn": "cudnn-fused", "fastres": "fastres-{backend}"}
@@ -132,6 +134,9 @@ def bench(shapes, backend, dtype, device, rep_ms: int) -> List[dict]:
         row = {"shape": shape.label, "name": shape.name, "batch": shape.N, "count": shape.count,
                "activation": cases.conv_case(shape).activation, "gflop": shape.flops / 1e9,
                "backend": ",".join(sorted({e["choice"] for e in chosen.values()})) or backend,
+               "cuda_kernel": _extension.cuda_conv_kernel(
+                   dtype, shape.N, shape.C, shape.H, shape.W, shape.K, shape.R, shape.S, (shape.stride,) * 2,
+                   (shape.padding,) * 2, (shape.dilation,) * 2, shape.groups, device),
                "candidates_ms": {k: e.get("ms") for k, e in chosen.items()}}
         for p in PROVIDERS:
             row.update({f"{p}_ms": t[p]["ms"], f"{p}_ms_p20": t[p]["ms_p20"], f"{p}_ms_p80": t[p]["ms_p80"],
@@ -159,6 +164,7 @@ def summarize(rows: List[dict]) -> dict:
 
 def table(rows: List[dict]) -> str:
     cols = [("shape", "shape", "{}"), ("count", "n", "{}"), ("backend", "backend", "{}"),
+            ("cuda_kernel", "cuda kernel", "{}"),
             ("eager_ms", "eager ms", "{:.4f}"),
             ("cudnn_ms", "cudnn ms", "{:.4f}"), ("fastres_ms", "fastres ms", "{:.4f}"),
             ("fastres_ms_p20", "p20", "{:.4f}"), ("fastres_ms_p80", "p80", "{:.4f}"),
