@@ -122,43 +122,86 @@ def _leaf(*shape):
     return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
 
+def _state(y, weight, bias, act):
+    """The batch statistics a training unit computes for ``y`` (no gradient, no running stats)."""
+    var, mean = _train._batch_stats(y.detach(), nn.BatchNorm2d(y.shape[1], track_running_stats=False), 0)
+    return _train._state(var, mean, weight, bias, 1e-5, act)
+
+
+def _away_from_relu_kink(y, bias):
+    """``y`` and the BN ``bias`` moved so that no normalized value is near 0 (finite
+    differences across ReLU's kink are meaningless)."""
+    with torch.no_grad():
+        y.copy_(y.sign() * (y.abs() + 0.1))
+        y.sub_(y.mean(dim=(0, 2, 3), keepdim=True))
+        bias.zero_()
+
+
+def _stats_bn(c):
+    return nn.BatchNorm2d(c, track_running_stats=False).double()
+
+
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("act_prev", ACTIVATIONS)
 def test_gradcheck_conv_batch_stats(backend, act_prev):
-    """y - mean(y) and var(y) of y = conv(bn_act(src)) (and of conv(src)), with a conv bias."""
+    """y = conv(act(bn(src))) with bn's batch statistics of src (and y = conv(src)), with a conv
+    bias: the gradients of src, the BN weight and bias, the conv weight and bias."""
     src, w, b = _leaf(2, 3, 4, 5), _leaf(4, 3, 3, 3), _leaf(4)
-    scale, shift = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
-    if act_prev == "relu":  # away from the kink, where finite differences are meaningless
-        with torch.no_grad():
-            src.copy_(src.sign() * (src.abs() + 0.1))
-            shift.zero_()
+    bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
+    if act_prev == "relu":
+        _away_from_relu_kink(src, bn_b)
     conv_args = ((1, 1), (1, 1), (1, 1), 1)
 
-    def f(*a):
-        # center is the detached batch mean: only what does not depend on it is a function of the inputs
-        yc, var, mean_c, _ = _train._ConvBatchStats.apply(*a, conv_args, act_prev, backend, None)
-        return yc - mean_c.view(1, -1, 1, 1), var
+    def f(s, bw, bb, w_, b_):
+        y, var, mean = _train._ConvBatchStats.apply(s, bw, bb, w_, b_, _state(s, bw, bb, act_prev), conv_args,
+                                                    backend, None, _stats_bn(4), 40)
+        assert not var.requires_grad and not mean.requires_grad
+        return y
 
-    assert torch.autograd.gradcheck(f, (src, scale, shift, w, b))
-    assert torch.autograd.gradcheck(lambda s, w_, b_: f(s, None, None, w_, b_), (src, w, b))
+    assert torch.autograd.gradcheck(f, (src, bn_w, bn_b, w, b))
+    plain = lambda s, w_, b_: _train._ConvBatchStats.apply(  # noqa: E731
+        s, None, None, w_, b_, None, conv_args, backend, None, _stats_bn(4), 40)[0]
+    assert torch.autograd.gradcheck(plain, (src, w, b))
+
+
+@pytest.mark.parametrize("backend", all_backends("bn_act"))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_gradcheck_bn_act_batch_stats(backend, act, with_residual):
+    """act(bn(y) (+ residual)) with bn's batch statistics of y: nn.BatchNorm2d's backward."""
+    y, r = _leaf(3, 4, 3, 5), _leaf(3, 4, 3, 5) if with_residual else None
+    bn_w, bn_b = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(4)
+    if act == "relu" and not with_residual:
+        _away_from_relu_kink(y, bn_b)
+
+    def f(y_, bw, bb, *res):
+        return _train._BNAct.apply(y_, bw, bb, res[0] if res else None, _state(y_, bw, bb, act), backend)
+
+    torch.manual_seed(0)
+    assert torch.autograd.gradcheck(f, (y, bn_w, bn_b, *([r] if with_residual else [])), atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda y_: _train._BNAct.apply(y_, None, None, None, _state(y_, None, None, act), backend), (y,), atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_gradcheck_conv_bn_act_recompute(backend, act):
-    """training_memory="min"'s last unit: act(bn(conv(bn_act(src))) + residual), BN affine."""
+    """training_memory="min"'s last unit: act(bn(conv(silu(bn(src)))) + residual), BN affine."""
     src, w, r = _leaf(3, 2, 4, 4), _leaf(3, 2, 1, 1), _leaf(3, 3, 4, 4)
-    scale, shift = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(2)
+    bn_wp, bn_bp = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(2)
     bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
     conv_args = ((1, 1), (0, 0), (1, 1), 1)
 
-    def f(s, sc, sh, w_, bw, bb, res):
-        return _train._ConvBNActRecompute.apply(s, sc, sh, w_, None, bw, bb, res, conv_args, "silu", act, 1e-5,
-                                               backend, None, None)[0]
+    def f(s, bwp, bbp, w_, bw, bb, res):
+        prev = None if bwp is None else _state(s, bwp, bbp, "silu")
+        bn = _stats_bn(3)
+        bn.weight, bn.bias = None, None  # eps from the module; the parameters are the function's inputs
+        return _train._ConvBNActRecompute.apply(s, bwp, bbp, w_, None, bw, bb, res, prev, conv_args, act,
+                                               backend, None, bn, 48)
 
     # relu: kinks are measure-zero but finite differences may cross one; check in a smooth point
     torch.manual_seed(0)
-    assert torch.autograd.gradcheck(f, (src, scale, shift, w, bn_w, bn_b, r), atol=1e-6)
+    assert torch.autograd.gradcheck(f, (src, bn_wp, bn_bp, w, bn_w, bn_b, r), atol=1e-6)
     assert torch.autograd.gradcheck(lambda s, w_: f(s, None, None, w_, None, None, None), (src, w), atol=1e-6)
 
 

@@ -58,7 +58,7 @@ def conv_bn_act(
     if fused is None:
         return _unfused(materialize(x, backend), conv, bn, act, residual)
     fused_act, after = fused
-    low = autocast_dtype(x.yc if isinstance(x, PendingBN) else x)
+    low = autocast_dtype(x.y if isinstance(x, PendingBN) else x)
     if uses_batch_stats(bn):
         return train_unit(x, conv, bn, fused_act, after, residual, backend, low, defer, memory)
     out = eval_unit(cache, slot, materialize(x, backend), conv, bn, fused_act, residual, backend, low)

@@ -1,23 +1,32 @@
 """Training units: conv -> BN with batch statistics (-> + residual) -> activation.
 
-One autograd function per unit (:class:`_ConvBatchStats`): ``F.conv2d``, the conv
-output ``yc`` centered on its detached batch mean (for an fp32-accurate backward),
-its biased variance and mean in fp32 (BatchNorm's statistics kernel,
-:func:`_batch_var_mean`); then ``scale = weight * rstd``, ``shift = bias - mean *
-scale`` and one ``fastres.ops.bn_act`` for normalize + residual + activation. The
-gradients are exactly ``nn.BatchNorm2d``'s, and so is the running-statistics update.
+A unit runs ``F.conv2d``; the conv output's batch mean and biased variance in
+fp32 with the running-statistics update in one call of BatchNorm's own
+statistics kernel (:func:`_batch_stats`); and one ``fastres.ops.bn_act`` for
+normalize + residual + activation with ``scale = weight * invstd`` and
+``shift = bias - mean * scale``, as ATen's BatchNorm computes them. The backward
+is ``nn.BatchNorm2d``'s: the activation's backward, then one
+``native_batch_norm_backward`` in training mode from the kept conv output ``y``
+and the saved mean and invstd (the gradients of ``y``, the BN weight and bias,
+the batch statistics' own share included). Running statistics and gradients are
+``nn.BatchNorm2d``'s.
 
 Memory: a unit whose output only feeds the next unit's conv (``defer=True``)
 returns a :class:`PendingBN`; the next unit applies it inside its own autograd
-function, so the activation is never saved but recomputed in the fused
-``bn_act`` backward (``output=True``) for the conv's weight gradient. Each unit
-keeps its ``yc``. ``memory="min"`` (``fastres.set_training_memory``) runs a
-block's last unit and the downsample as :class:`_ConvBNActRecompute`, which keeps
-no ``yc`` and recomputes the conv in the backward. docs/models.md has the byte counts.
+function (:class:`_ConvBatchStats`), so the activation is never saved: the
+next unit keeps ``y`` and recomputes the activation in its backward, for its
+conv's gradients and the activation's backward. ``memory="min"``
+(``fastres.set_training_memory``) runs a block's last unit and the downsample
+as :class:`_ConvBNActRecompute`, which keeps no ``y`` and recomputes the conv in
+the backward. docs/models.md has the byte counts.
+
+The autograd functions take ``ctx`` in ``forward`` (no ``setup_context``):
+``Function.apply`` then binds no signature per call (~30-80 us each), and
+they do not materialize zero gradients for their statistics outputs.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,25 +38,37 @@ from fastres.nn._casting import cast
 from fastres.nn._fusability import conv_geometry
 
 
-class PendingBN:
-    """A training unit's ``act(yc * scale[c] + shift[c])``, not applied yet.
+class BatchNormState(NamedTuple):
+    """A BN with batch statistics as its consumer applies and differentiates it:
+    ``act(y * scale + shift)`` with ``scale = weight * invstd``, ``shift = bias - mean *
+    scale``, over the kept conv output ``y``. All fp32 (fp64 for fp64) per-channel
+    vectors without gradient: the BN's weight and bias travel as autograd inputs."""
 
-    A training unit (:func:`conv_bn_act` with ``defer=True``) whose output only
+    mean: Tensor
+    invstd: Tensor
+    scale: Tensor
+    shift: Tensor
+    eps: float
+    activation: str
+
+
+class PendingBN:
+    """A training unit's ``act(bn(y))``, not applied yet.
+
+    A training unit (:func:`train_unit` with ``defer=True``) whose output only
     feeds the next unit's conv returns this instead of the activation: the next
     unit applies it inside its own autograd function (:class:`_ConvBatchStats`),
-    which keeps ``yc`` for backward instead of the activation and gets the
-    activation back from the fused ``bn_act`` backward for its weight
-    gradient. ``yc`` is kept anyway (it is what this unit's BN backward needs),
-    so the unit costs one full-size activation instead of two.
+    which keeps ``y`` for backward instead of the activation and recomputes the
+    activation there, so the unit costs one full-size tensor instead of two.
     """
 
-    __slots__ = ("yc", "scale", "shift", "activation")
+    __slots__ = ("y", "state", "weight", "bias")
 
-    def __init__(self, yc: Tensor, scale: Tensor, shift: Tensor, activation: str) -> None:
-        self.yc, self.scale, self.shift, self.activation = yc, scale, shift, activation
+    def __init__(self, y: Tensor, state: BatchNormState, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
+        self.y, self.state, self.weight, self.bias = y, state, weight, bias
 
     def materialize(self, backend: Optional[str]) -> Tensor:
-        return ops.bn_act(self.yc, self.scale, self.shift, None, self.activation, backend=backend)
+        return _BNAct.apply(self.y, self.weight, self.bias, None, self.state, backend)
 
 
 def materialize(x, backend: Optional[str]) -> Tensor:
@@ -55,163 +76,211 @@ def materialize(x, backend: Optional[str]) -> Tensor:
     return x.materialize(backend) if isinstance(x, PendingBN) else x
 
 
-class _ConvBatchStats(torch.autograd.Function):
-    """One training unit's conv and batch statistics: ``(yc, var, mean_c, center)``.
-
-    Forward, with ``a = src`` or, when the input is the previous unit's pending
-    BN, ``a = bn_act(src, scale_prev, shift_prev, act_prev)``::
-
-        y = conv2d(a, weight, bias)
-        center = mean(y) over (N, H, W), detached, in y's dtype
-        yc = y - center
-        var, mean_c = biased variance and mean of yc (fp32; fp64 for fp64)
-
-    ``center`` is ``y``'s batch mean rounded to ``y``'s dtype, so ``mean_c ~ 0``:
-    the BN backward then reduces ``sum(grad * yc)``, not ``sum(grad * y) - mean
-    * sum(grad)``, which cancels catastrophically in fp32 for channels whose
-    mean is large against their standard deviation (``nn.BatchNorm2d``'s
-    backward reduces ``grad * (y - mean)`` directly).
-
-    Saved for backward: ``src``, ``yc`` and per-channel vectors. ``src`` is the
-    previous unit's ``yc`` (saved by that unit anyway) or the block input (saved
-    by every consumer of it anyway), so a unit adds one full-size tensor,
-    ``yc``: the activation ``a`` is not kept but recomputed inside the fused
-    ``bn_act`` backward, which returns it with the previous unit's gradients in
-    the same pass (``output=True``), for this conv's weight gradient. The
-    gradient is exactly autograd's through ``F.conv2d``, ``y - center`` and
-    ``torch.var_mean(..., correction=0)``.
-    """
-
-    @staticmethod
-    def forward(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low):
-        return _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low)[1:]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low = inputs
-        yc, _, mean_c, center = output
-        ctx.mark_non_differentiable(center)
-        ctx.save_for_backward(src, scale_prev, shift_prev, weight, yc, mean_c)
-        _save_conv(ctx, conv_args, act_prev, backend, low, bias)
-
-    @staticmethod
-    def backward(ctx, grad_yc, grad_var, grad_mean, _grad_center):
-        src, scale_prev, shift_prev, weight, yc, mean_c = ctx.saved_tensors
-        dy = _stats_backward(yc, mean_c, grad_yc, grad_var, grad_mean)
-        return _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, None, ctx.needs_input_grad[:5]) + (
-            None, None, None, None,
-        )
+def _state(var: Tensor, mean: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+           act: str) -> BatchNormState:
+    """The :class:`BatchNormState` of batch statistics ``var`` (biased), ``mean``."""
+    with torch.no_grad():
+        ct = mean.dtype
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(ct)
+        shift = -mean * scale if bias is None else torch.addcmul(bias.to(ct), mean, scale, value=-1)
+    return BatchNormState(mean, invstd, scale, shift, eps, act)
 
 
-def _save_conv(ctx, conv_args, act_prev, backend, low, bias) -> None:
+def _bn_backward(gz: Tensor, y: Tensor, state: BatchNormState, weight: Optional[Tensor],
+                 need: Tuple[bool, bool, bool]):
+    """``(grad_y, grad_weight, grad_bias)`` of ``(y - mean) * invstd * weight + bias`` with the
+    batch statistics of ``y``, given ``gz``: ``nn.BatchNorm2d``'s backward (the grads
+    not in ``need`` are None, as are those of an absent ``weight``)."""
+    if not any(need):
+        return None, None, None
+    w = None if weight is None else weight.to(state.mean.dtype)
+    mask = [need[0], need[1] and w is not None, need[2] and w is not None]
+    gy, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        gz, y, w, None, None, state.mean, state.invstd, True, state.eps, mask)
+    return (
+        gy if need[0] else None,
+        gw.to(weight.dtype) if mask[1] else None,
+        gb.to(weight.dtype) if mask[2] else None,
+    )
+
+
+def _apply(src: Tensor, state: Optional[BatchNormState], backend: Optional[str], act: Optional[str] = None) -> Tensor:
+    """``src`` itself, or ``act(src * scale + shift)`` of the previous unit's BN (``act``
+    overrides its activation)."""
+    if state is None:
+        return src
+    return ops.bn_act(src, state.scale, state.shift, None, state.activation if act is None else act, backend=backend)
+
+
+def _batch_stats(t: Tensor, bn: _BatchNorm, n: int) -> Tuple[Tensor, Tensor]:
+    """The biased ``var`` and ``mean`` of ``t`` over ``(0, 2, 3)`` in fp32 (fp64 for fp64),
+    and ``nn.BatchNorm2d``'s running-statistics update of ``bn`` from them (``n`` values
+    per channel).
+
+    ``torch.batch_norm_update_stats`` is BatchNorm's own statistics kernel (any
+    memory format): given ``bn``'s running buffers (of the compute dtype) and
+    momentum, it is the very call ``nn.BatchNorm2d`` makes, update included;
+    given fresh buffers and momentum 0, only the statistics, for the update by
+    hand (a cumulative average, ``momentum=None``, without a host sync; buffers of
+    another dtype)."""
+    ct = reference.compute_dtype(t.dtype)
+    tracked = bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
+    if tracked and bn.momentum is not None and bn.running_mean.dtype == ct and bn.running_var.dtype == ct:
+        with torch.no_grad():
+            mean, var = torch.batch_norm_update_stats(t, bn.running_mean, bn.running_var, bn.momentum)
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+        return var, mean
+    c = t.shape[1]
+    mean, var = torch.batch_norm_update_stats(t, t.new_zeros(c, dtype=ct), t.new_ones(c, dtype=ct), 0.0)
+    if tracked:
+        _update_running_stats(bn, var, mean, n)
+    return var, mean
+
+
+def _conv_stats(src, prev: Optional[BatchNormState], weight, bias, conv_args, backend, low, bn, n):
+    """``(a, y, var, mean)``: the conv's input, its output and batch statistics (running
+    statistics updated)."""
+    a = _apply(src, prev, backend)
+    y = F.conv2d(a, cast(weight, low), cast(bias, low), *conv_args)
+    var, mean = _batch_stats(y, bn, n)
+    return a, y, var, mean
+
+
+def _save_conv(ctx, prev, conv_args, backend, low, bias) -> None:
     """What :func:`_conv_backward` reads from ``ctx`` besides the saved tensors."""
-    ctx.conv_args, ctx.act_prev, ctx.backend, ctx.low = conv_args, act_prev, backend, low
+    ctx.prev, ctx.conv_args, ctx.backend, ctx.low = prev, conv_args, backend, low
     ctx.bias_sizes = None if bias is None else list(bias.shape)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, a, need):
-    """Gradients ``(src, scale_prev, shift_prev, weight, bias)`` of ``conv2d(a, weight, bias)``
-    with ``a = src`` or ``a = bn_act(src, scale_prev, shift_prev, act_prev)``, given ``dy``.
+def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
+    """Gradients ``(src, weight_p, bias_p, weight, bias)`` of ``conv2d(a, weight, bias)``
+    with ``a = src`` or ``a = act(bn(src))`` (``ctx.prev``: the BN with the batch
+    statistics of ``src``, parameters ``weight_p``/``bias_p``), given ``dy``; ``need``
+    says which.
 
-    ``a`` is the recomputed activation if the caller has it, else None: then
-    the fused ``bn_act`` backward recomputes it (``output=True``) in the pass
-    that computes the previous unit's gradients, after the conv's input
-    gradient and before its weight gradient. ``weight`` is the parameter: under
-    autocast its low-precision copy is made again here rather than kept from
-    the forward (autograd through ``F.conv2d`` keeps it: a model's size of
-    extra memory in bf16 training).
+    ``a`` is the recomputed activation if the caller has it, else it is
+    recomputed here (for ReLU also what the activation's backward reads), so
+    that one ``convolution_backward`` gives both of the conv's gradients. ``weight`` is the
+    parameter: under autocast its low-precision copy is made again here rather
+    than kept from the forward (autograd through ``F.conv2d`` keeps it: a model's
+    size of extra memory in bf16 training).
     """
+    prev = ctx.prev
     w = cast(weight, ctx.low)
-    conv_bwd = lambda inp, mask: _conv.backward(dy, inp, w, ctx.bias_sizes, *ctx.conv_args, mask)  # noqa: E731
-    grad_src = grad_scale = grad_shift = grad_w = grad_b = None
-    need_prev = need[0] or need[1] or need[2]
-    if scale_prev is None:  # the input is the activation itself
-        grad_src, grad_w, grad_b = conv_bwd(src, [need[0], need[3], need[4]])
-    elif a is not None:
-        grad_a, grad_w, grad_b = conv_bwd(a, [need_prev, need[3], need[4]])
-        if need_prev:
-            grad_src, _, grad_scale, grad_shift, _ = ops.bn_act_backward(
-                grad_a, src, scale_prev, shift_prev, None, ctx.act_prev, False, backend=ctx.backend
-            )
-    else:
-        if need_prev:
-            # The conv's input gradient only needs the input's shape and layout: those of src.
-            grad_a, _, grad_b = conv_bwd(src, [True, False, need[4]])
-            grad_src, _, grad_scale, grad_shift, a = ops.bn_act_backward(
-                grad_a, src, scale_prev, shift_prev, None, ctx.act_prev, False, need[3], backend=ctx.backend
-            )
-        elif need[3]:
-            a = ops.bn_act(src, scale_prev, shift_prev, None, ctx.act_prev, backend=ctx.backend)
-        if need[3] or (need[4] and grad_b is None):
-            _, grad_w, gb = conv_bwd(src if a is None else a, [False, need[3], need[4] and grad_b is None])
-            grad_b = gb if grad_b is None else grad_b
+    need_a = need[0] if prev is None else any(need[:3])  # the gradient of the conv's input
+    z = None  # SiLU's input, for its backward
+    if prev is not None and prev.activation == "silu" and need_a:
+        z = _apply(src, prev, ctx.backend, "identity")
+        if a is None and need[3]:
+            a = F.silu(z)
+    elif prev is not None and a is None and (need[3] or need_a and prev.activation == "relu"):
+        a = _apply(src, prev, ctx.backend)
+    # The input gradient needs only the input's shape and layout: those of src.
+    grad_a, grad_w, grad_b = _conv.backward(dy, src if a is None else a, w, ctx.bias_sizes, *ctx.conv_args,
+                                            [need_a, need[3], need[4]])
+    grad_src = grad_wp = grad_bp = None
+    if prev is None:
+        grad_src = grad_a
+    elif need_a:
+        if prev.activation == "relu":
+            gz = torch.ops.aten.threshold_backward(grad_a, a, 0)
+        elif prev.activation == "silu":
+            gz = torch.ops.aten.silu_backward(grad_a, z)
+        else:
+            gz = grad_a
+        del grad_a, a, z
+        grad_src, grad_wp, grad_bp = _bn_backward(gz, src, prev, weight_p, need[:3])
     return (
         grad_src if need[0] else None,
-        grad_scale if need[1] else None,
-        grad_shift if need[2] else None,
+        grad_wp if need[1] else None,
+        grad_bp if need[2] else None,
         None if grad_w is None else grad_w.to(weight.dtype),
         None if grad_b is None else grad_b.to(ctx.bias_dtype),
     )
 
 
-def _stats_backward(yc: Tensor, mean_c: Tensor, grad_yc: Optional[Tensor], grad_var, grad_mean) -> Tensor:
-    """The gradient of ``y`` (= that of ``yc``) given those of ``yc`` and of
-    ``torch.var_mean(yc, (0, 2, 3), correction=0)``, rounded once to ``yc``'s dtype.
+class _ConvBatchStats(torch.autograd.Function):
+    """One training unit's conv and batch statistics: ``(y, var, mean)``.
 
-    ``var_mean``'s backward is ``grad_mean / n + 2 * grad_var / n * (yc - mean_c)``,
-    i.e. ``a[c] + b[c] * yc``: one ``addcmul`` pass over ``yc``.
+    Forward, with ``a = src`` or, when the input is the previous unit's pending
+    BN (``prev``, parameters ``weight_p``/``bias_p``), ``a = act_prev(bn_prev(src))``::
+
+        y = conv2d(a, weight, bias)
+        var, mean = biased variance and mean of y over (N, H, W) (fp32; fp64 for fp64)
+
+    and ``bn``'s running-statistics update. ``var`` and ``mean`` carry no
+    gradient: the consumer of ``y`` (the next unit's function, :class:`_BNAct`)
+    differentiates its BN with batch statistics as a whole (:func:`_bn_backward`).
+
+    Saved for backward: ``src`` (the previous unit's ``y``, which nothing else
+    keeps, or the block input, kept by its every consumer anyway); ``a`` is not
+    kept but recomputed in the backward. The gradients of ``src``, the previous
+    BN's weight and bias are ``nn.BatchNorm2d``'s.
     """
-    n = yc.numel() // yc.shape[1]
-    ct = mean_c.dtype
-    a = torch.zeros_like(mean_c) if grad_mean is None else grad_mean / n
-    b = torch.zeros_like(mean_c) if grad_var is None else grad_var * (2.0 / n)
-    a = (a - b * mean_c).view(1, -1, 1, 1)
-    base = a.expand(yc.shape) if grad_yc is None else grad_yc.to(ct) + a
-    return torch.addcmul(base, yc.to(ct), b.view(1, -1, 1, 1)).to(yc.dtype)
+
+    @staticmethod
+    def forward(ctx, src, weight_p, bias_p, weight, bias, prev, conv_args, backend, low, bn, n):
+        _, y, var, mean = _conv_stats(src, prev, weight, bias, conv_args, backend, low, bn, n)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(var, mean)
+        ctx.save_for_backward(src, weight_p, weight)
+        _save_conv(ctx, prev, conv_args, backend, low, bias)
+        return y, var, mean
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_var, _grad_mean):
+        if grad_y is None:  # zero gradients are not materialized
+            return (None,) * 11
+        src, weight_p, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return _conv_backward(ctx, grad_y, src, weight_p, weight, None, need[:5]) + (None,) * 6
 
 
-def _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low):
-    """``(a, yc, var, mean_c, center)`` of :class:`_ConvBatchStats`'s forward."""
-    a = src if scale_prev is None else ops.bn_act(src, scale_prev, shift_prev, None, act_prev, backend=backend)
-    y = F.conv2d(a, cast(weight, low), cast(bias, low), *conv_args)
-    center = _batch_var_mean(y.detach())[1].to(y.dtype)
-    yc = y - center.view(1, -1, 1, 1)
-    var, mean_c = _batch_var_mean(yc)
-    return a, yc, var, mean_c, center
+def _act_backward(grad, y, state: BatchNormState, residual, out, backend) -> Tensor:
+    """The gradient of ``z = bn(y) (+ residual)`` given that of ``act(z)``: from the
+    output ``out`` for ReLU where it was kept, else from ``z`` recomputed."""
+    act = state.activation
+    if act == "identity":
+        return grad
+    if act == "relu":
+        if out is None:
+            out = ops.bn_act(y, state.scale, state.shift, residual, "relu", backend=backend)
+        return torch.ops.aten.threshold_backward(grad, out, 0)
+    z = ops.bn_act(y, state.scale, state.shift, residual, "identity", backend=backend)
+    return torch.ops.aten.silu_backward(grad, z)
 
 
-def _batch_var_mean(t: Tensor) -> Tuple[Tensor, Tensor]:
-    """``torch.var_mean(t, (0, 2, 3), correction=0)`` in fp32 (fp64 for fp64).
+class _BNAct(torch.autograd.Function):
+    """``act(bn(y) (+ residual))`` with the batch statistics of ``y`` in ``state`` (which
+    carry no gradient: the backward is the whole of ``nn.BatchNorm2d``'s).
 
-    Outside autograd (inside the units' autograd functions) this is
-    ``torch.batch_norm_update_stats``, BatchNorm's own statistics kernel (one
-    pass, any memory format; on the CPU several times faster than ``var_mean``
-    over ``(0, 2, 3)``); given running buffers of the compute dtype it returns the
-    statistics in that dtype, also for a bf16/fp16 ``t``, and with momentum 0
-    leaves the buffers as they are. Under ``torch.compile`` (where the units
-    run as plain differentiable ops) it is ``torch.var_mean``, which the
-    compiler fuses and differentiates.
+    Saved: ``y`` (the unit's conv output, which nothing else keeps) and, with a
+    residual, for ReLU the output (its backward reads it, as ``torch.relu``'s
+    does; the next conv keeps it anyway), for SiLU the residual (to recompute
+    its input); without one, ``y`` gives the activation's input (a unit followed
+    by a pooling keeps nothing the pooling does not need).
     """
-    ct = reference.compute_dtype(t.dtype)
-    if torch.compiler.is_compiling():
-        return torch.var_mean(t.to(ct), dim=(0, 2, 3), correction=0)
-    c = t.shape[1]
-    mean, var = torch.batch_norm_update_stats(
-        t, t.new_zeros(c, dtype=ct), t.new_ones(c, dtype=ct), 0.0
-    )
-    return var, mean
 
+    @staticmethod
+    def forward(ctx, y, weight, bias, residual, state, backend):
+        out = ops.bn_act(y, state.scale, state.shift, residual, state.activation, backend=backend)
+        act = state.activation
+        ctx.save_for_backward(y, weight, residual if act == "silu" else None,
+                              out if act == "relu" and residual is not None else None)
+        ctx.state, ctx.backend, ctx.has_residual = state, backend, residual is not None
+        return out
 
-def _scale_shift(var: Tensor, mean_c: Tensor, eps: float, weight: Optional[Tensor], bias: Optional[Tensor]):
-    """BN with batch statistics as ``(rstd, scale, shift)``: ``bn(y) = yc * scale + shift``."""
-    ct = mean_c.dtype
-    rstd = torch.rsqrt(var + eps)
-    scale = rstd if weight is None else rstd * weight.to(ct)
-    shift = -mean_c * scale
-    if bias is not None:
-        shift = shift + bias.to(ct)
-    return rstd, scale, shift
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, weight, residual, out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gz = _act_backward(grad_out, y, ctx.state, residual, out, ctx.backend)
+        grad_y, grad_w, grad_b = _bn_backward(gz, y, ctx.state, weight, need[:3])
+        grad_res = gz if ctx.has_residual and need[3] else None
+        return grad_y, grad_w, grad_b, grad_res, None, None
 
 
 class _ConvBNActRecompute(torch.autograd.Function):
@@ -219,80 +288,45 @@ class _ConvBNActRecompute(torch.autograd.Function):
     keeps no full-size tensor of its own: ``training_memory="min"``.
 
     ``a`` and the batch statistics are as in :class:`_ConvBatchStats`. Saved:
-    ``src`` (the previous unit's ``yc`` or the input, kept anyway), the
+    ``src`` (the previous unit's ``y`` or the input, kept anyway), the
     per-channel statistics and, with a residual, for ReLU the output itself
-    (the next conv keeps it anyway; ReLU's backward reads its output, as
-    ``torch.relu``'s does), for SiLU the residual (identity needs neither). The backward recomputes
-    ``a``, the conv and ``yc`` (bit-identical: the same ops on the same
-    values), then runs the BN backward by hand (autograd's formulas for
-    ``rsqrt``, the products and ``var_mean``) and the conv backward.
-    Outputs ``(out, var, mean_c, center)``; the statistics only feed the
-    running-statistics update and carry no gradient.
+    (the next conv keeps it anyway), for SiLU the residual (identity needs
+    neither). The backward recomputes ``a`` and the conv (bit-identical: the
+    same ops on the same values), then runs the BN and conv backwards. The
+    running statistics are updated in the forward, before anything is saved:
+    torch.utils.checkpoint's recomputation stops once the last tensor of the
+    region is saved again, and this unit may save it (torchvision's BN updates
+    its statistics before its ReLU saves).
     """
 
     @staticmethod
-    def forward(src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, residual, conv_args, act_prev, act,
-                eps, backend, low, update_stats):
-        _, yc, var, mean_c, center = _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev,
-                                                 backend, low)
-        if update_stats is not None:
-            update_stats(var, mean_c, center)
-        _, scale, shift = _scale_shift(var, mean_c, eps, bn_weight, bn_bias)
-        out = ops.bn_act(yc, scale, shift, residual, act, backend=backend)
-        return out, var, mean_c, center
+    def forward(ctx, src, weight_p, bias_p, weight, bias, bn_weight, bn_bias, residual, prev, conv_args, act,
+                backend, low, bn, n):
+        _, y, var, mean = _conv_stats(src, prev, weight, bias, conv_args, backend, low, bn, n)
+        state = _state(var, mean, bn_weight, bn_bias, bn.eps, act)
+        out = ops.bn_act(y, state.scale, state.shift, residual, act, backend=backend)
+        # act'(z) needs z = bn(y) + residual: from the output for ReLU, from the residual for
+        # SiLU; without a residual the recomputed y gives it.
+        with_residual = residual is not None
+        ctx.save_for_backward(src, weight_p, weight, bias, bn_weight, residual if act == "silu" else None,
+                              out if act == "relu" and with_residual else None)
+        _save_conv(ctx, prev, conv_args, backend, low, bias)
+        ctx.state, ctx.has_residual = state, with_residual
+        return out
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        (src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, residual, conv_args, act_prev, act, eps,
-         backend, low, _) = inputs
-        out, var, mean_c, center = output
-        ctx.mark_non_differentiable(var, mean_c, center)
-        # act'(z) needs z = yc * scale + shift + residual; without residual yc gives it.
-        keep_out = act == "relu" and residual is not None
-        keep_residual = act == "silu" and residual is not None
-        ctx.save_for_backward(
-            src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, var, mean_c, center,
-            residual if keep_residual else None, out if keep_out else None,
-        )
-        _save_conv(ctx, conv_args, act_prev, backend, low, bias)
-        ctx.act, ctx.eps = act, eps
-        ctx.has_residual = residual is not None
-
-    @staticmethod
-    def backward(ctx, grad_out, _gv, _gm, _gc):
-        (src, scale_prev, shift_prev, weight, bias, bn_weight, bn_bias, var, mean_c, center, residual,
-         out) = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        src, weight_p, weight, bias, bn_weight, residual, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        # The forward's a and yc again (the same ops on the same values, and the saved center).
-        a = src if scale_prev is None else ops.bn_act(src, scale_prev, shift_prev, None, ctx.act_prev,
-                                                       backend=ctx.backend)
-        yc = F.conv2d(a, cast(weight, ctx.low), cast(bias, ctx.low), *ctx.conv_args) - center.view(1, -1, 1, 1)
-        rstd, scale, shift = _scale_shift(var, mean_c, ctx.eps, bn_weight, bn_bias)
-        need_res = ctx.has_residual and need[7]
-        if out is not None:  # relu with a residual
-            gz = torch.ops.aten.threshold_backward(grad_out, out, 0)
-            grad_yc, _, gs, gb, _ = ops.bn_act_backward(gz, yc, scale, shift, None, "identity", False,
-                                                        backend=ctx.backend)
-            grad_res = gz if need_res else None
-        else:
-            grad_yc, gz, gs, gb, _ = ops.bn_act_backward(grad_out, yc, scale, shift, residual, ctx.act,
-                                                         need_res and residual is not None, backend=ctx.backend)
-            grad_res = None if not need_res else gz if residual is not None else grad_out
-        # shift = bias - mean_c * scale, scale = weight * rstd, rstd = rsqrt(var + eps)
-        grad_bn_bias = gb if need[6] else None
-        g_scale = gs - gb * mean_c
-        grad_mean = -gb * scale
-        grad_bn_weight = g_scale * rstd if need[5] else None
-        g_rstd = g_scale if bn_weight is None else g_scale * bn_weight.to(g_scale.dtype)
-        grad_var = g_rstd * (-0.5 * rstd.pow(3))
-        dy = _stats_backward(yc, mean_c, grad_yc, grad_var, grad_mean)
-        del yc
-        grads = _conv_backward(ctx, dy, src, scale_prev, shift_prev, weight, a, need[:5])
-        return grads + (
-            None if grad_bn_weight is None else grad_bn_weight.to(bn_weight.dtype),
-            None if grad_bn_bias is None else grad_bn_bias.to(bn_bias.dtype),
-            grad_res, None, None, None, None, None, None, None,
-        )
+        # The forward's a and y again (the same ops on the same values).
+        a = _apply(src, ctx.prev, ctx.backend)
+        y = F.conv2d(a, cast(weight, ctx.low), cast(bias, ctx.low), *ctx.conv_args)
+        gz = _act_backward(grad_out, y, ctx.state, residual, out, ctx.backend)
+        dy, grad_bn_w, grad_bn_b = _bn_backward(gz, y, ctx.state, bn_weight, (True, need[5], need[6]))
+        grad_res = gz if ctx.has_residual and need[7] else None
+        del y, gz
+        return _conv_backward(ctx, dy, src, weight_p, weight, a, need[:5]) + (grad_bn_w, grad_bn_b, grad_res) + (
+            None,) * 7
 
 
 def train_unit(
@@ -301,43 +335,32 @@ def train_unit(
 ):
     """A conv -> BN (batch statistics) -> act (+ residual) unit in training (module docstring);
     ``fused_act``, ``after``: the epilogue's activation and the module run after it (``fastres.nn._fusability.epilogue``)."""
-    if isinstance(x, PendingBN):
-        src, scale_prev, shift_prev, act_prev = x.yc, x.scale, x.shift, x.activation
-    else:
-        src, scale_prev, shift_prev, act_prev = cast(x, low), None, None, "identity"
     weight, bias = conv.weight, conv.bias  # cast to low inside the units (:func:`_conv_backward`)
     conv_args = conv_geometry(conv)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the unit is the stock modules' ops: the compiler fuses them and its
+        # partitioner chooses what to keep for backward (torch 2.11's AOT autograd computes wrong
+        # gradients through these autograd functions: tests/test_training_memory.py).
+        z = bn(F.conv2d(cast(materialize(x, backend), low), cast(weight, low), cast(bias, low), *conv_args))
+        out = reference.activation(z if residual is None else z + residual, fused_act)
+        return out if after is None else after(out)
+    if isinstance(x, PendingBN):
+        src, prev, weight_p, bias_p = x.y, x.state, x.weight, x.bias
+    else:
+        src, prev, weight_p, bias_p = cast(x, low), None, None, None
     deferred = defer and residual is None and after is None
     n = _values_per_channel(src, weight, conv_args)
-    update = lambda var, mean_c, center: _update_running_stats(bn, var, mean_c, center, n)  # noqa: E731
-    # Under torch.compile the unit runs as plain differentiable ops: the compiler's partitioner
-    # chooses what to keep for backward itself (recomputing cheap ops), and torch 2.11's AOT
-    # autograd computes wrong gradients through these autograd functions (tests/test_training_memory.py).
-    compiling = torch.compiler.is_compiling()
-    if memory == "min" and not deferred and not compiling:
-        # The running statistics are updated inside the function's forward, before it saves
-        # anything: torch.utils.checkpoint's recomputation stops once the last tensor of the
-        # region is saved again, and this unit may save it (torchvision's BN updates its
-        # statistics before its ReLU saves).
+    if memory == "min" and not deferred:
         residual = cast(residual, src.dtype if low is not None else None)
-        out, var, mean_c, center = _ConvBNActRecompute.apply(
-            src, scale_prev, shift_prev, weight, bias, bn.weight, bn.bias, residual, conv_args, act_prev,
-            fused_act, bn.eps, backend, low, update,
-        )
+        out = _ConvBNActRecompute.apply(src, weight_p, bias_p, weight, bias, bn.weight, bn.bias, residual, prev,
+                                        conv_args, fused_act, backend, low, bn, n)
         return out if after is None else after(out)
-    if compiling:
-        yc, var, mean_c, center = _conv_stats(src, scale_prev, shift_prev, weight, bias, conv_args, act_prev,
-                                              backend, low)[1:]
-    else:
-        yc, var, mean_c, center = _ConvBatchStats.apply(
-            src, scale_prev, shift_prev, weight, bias, conv_args, act_prev, backend, low
-        )
-    update(var, mean_c, center)
-    _, scale, shift = _scale_shift(var, mean_c, bn.eps, bn.weight, bn.bias)
+    y, var, mean = _ConvBatchStats.apply(src, weight_p, bias_p, weight, bias, prev, conv_args, backend, low, bn, n)
+    state = _state(var, mean, bn.weight, bn.bias, bn.eps, fused_act)
     if deferred:
-        return PendingBN(yc, scale, shift, fused_act)
-    residual = cast(residual, yc.dtype if low is not None else None)
-    out = ops.bn_act(yc, scale, shift, residual, fused_act, backend=backend)
+        return PendingBN(y, state, bn.weight, bn.bias)
+    residual = cast(residual, y.dtype if low is not None else None)
+    out = _BNAct.apply(y, bn.weight, bn.bias, residual, state, backend)
     return out if after is None else after(out)
 
 
@@ -350,13 +373,9 @@ def _values_per_channel(src: Tensor, weight: Tensor, conv_args) -> int:
     return n
 
 
-
-def _update_running_stats(bn: _BatchNorm, var: Tensor, mean_c: Tensor, center: Tensor, n: int) -> None:
+def _update_running_stats(bn: _BatchNorm, var: Tensor, mean: Tensor, n: int) -> None:
     """``nn.BatchNorm2d``'s running-statistics update (``torch/nn/modules/batchnorm.py``)
-    from the biased ``var`` and the mean ``mean_c + center`` of ``n`` values per
-    channel, if ``bn`` tracks them."""
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None):
-        return
+    from the biased ``var`` and the ``mean`` of ``n`` values per channel."""
     with torch.no_grad():
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.num_batches_tracked is not None:
@@ -364,6 +383,5 @@ def _update_running_stats(bn: _BatchNorm, var: Tensor, mean_c: Tensor, center: T
             if bn.momentum is None:  # cumulative moving average; a tensor, so no host sync
                 factor = 1.0 / bn.num_batches_tracked.to(torch.float64)
         unbiased = var * (n / (n - 1))
-        mean = mean_c + center.to(mean_c.dtype)
         for buf, stat in ((bn.running_mean, mean), (bn.running_var, unbiased)):
             buf.copy_(stat * factor + buf * (1 - factor))
