@@ -17,22 +17,26 @@ class _MaxPool2dIndices(torch.autograd.Function):
     that input is the largest activation of the network (the stem's
     ``relu(bn1(conv1(x)))``, 4x the pooled output), kept for nothing when the
     stem unit itself does not keep it.
+
+    ``forward`` takes ``ctx`` (no per-call signature binding in ``apply``) and the
+    indices' gradient is not materialized (a zero int64 tensor of the output's size).
     """
 
     @staticmethod
-    def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
-        return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, *ctx.args = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1])
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
         ctx.shape, ctx.dtype = x.shape, x.dtype
         ctx.memory_format = torch.channels_last if _layout.is_channels_last(x) else torch.contiguous_format
+        return out, indices
 
     @staticmethod
     def backward(ctx, grad, _grad_indices):
+        if grad is None:
+            return (None,) * 6
         (indices,) = ctx.saved_tensors
         # the input's shape and layout only, never read
         like = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device, memory_format=ctx.memory_format)
