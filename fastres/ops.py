@@ -69,9 +69,8 @@ def bn_act_backward(
     ``grad_x = grad_z * scale[c]``, ``grad_scale[c] = sum(grad_z * x)``,
     ``grad_shift[c] = sum(grad_z)`` over ``(N, H, W)``, and ``y = act(z)``, the
     forward output recomputed in the same pass (an empty tensor unless
-    ``output``): the training units (``fastres/nn/train_units.py``) keep ``x``
-    instead of ``y`` and get ``y`` back here for the weight gradient of the conv
-    that ``y`` feeds.
+    ``output``), for a caller that keeps ``x`` instead of ``y`` and needs ``y`` back,
+    e.g. for the weight gradient of a conv that ``y`` feeds.
     """
     op = "fastres.ops.bn_act_backward"
     _checks.check_bn_act(op, x, scale, shift, residual, activation)
