@@ -182,12 +182,13 @@ def host_overhead_providers(device: torch.device) -> List[ModelProvider]:
 
 def train_providers(device: torch.device, dtype: torch.dtype) -> List[ModelProvider]:
     """Training providers: torchvision eager and fastres in the same dtype and layout
-    (GPU: autocast to ``dtype``, fp32 weights, channels_last; CPU: fp32, and NCHW too),
+    (autocast to ``dtype``, fp32 weights, channels_last; CPU in fp32, the default:
+    also torchvision NCHW),
     fastres also with ``training_memory="min"`` (``fastres-<backend>-min``), and
     ``torch.compile`` of torchvision (``tv-compile``: its partitioner recomputes
     cheap ops in the backward, the baseline for the saved bytes)."""
     cl = "channels_last"
-    if device.type != "cuda":
+    if device.type != "cuda" and dtype == torch.float32:
         f32 = torch.float32
         return [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", f32, cl),
                 *(ModelProvider(f"fastres-{b}", f32, cl, b) for b in train_backends(device)),
