@@ -147,6 +147,30 @@ struct ConvGeometry {
   int64_t k_pad() const { return groups > 1 ? K : round_up(K, channel_alignment(dtype)); }
 };
 
+// The kernels' problem for `n` images of `g` with `c` input and `k` output
+// channels (the padded counts); the caller sets the pointers, the vectors and
+// the activation. Every extent fits an int (unsupported_reason).
+ConvProblem problem(const ConvGeometry& g, int64_t n, int64_t c, int64_t k) {
+  ConvProblem p{};
+  p.N = static_cast<int>(n);
+  p.H = static_cast<int>(g.H);
+  p.W = static_cast<int>(g.W);
+  p.C = static_cast<int>(c);
+  p.K = static_cast<int>(k);
+  p.R = static_cast<int>(g.R);
+  p.S = static_cast<int>(g.S);
+  p.P = static_cast<int>(g.P());
+  p.Q = static_cast<int>(g.Q());
+  p.pad_h = static_cast<int>(g.padding[0]);
+  p.pad_w = static_cast<int>(g.padding[1]);
+  p.stride_h = static_cast<int>(g.stride[0]);
+  p.stride_w = static_cast<int>(g.stride[1]);
+  p.dil_h = static_cast<int>(g.dilation[0]);
+  p.dil_w = static_cast<int>(g.dilation[1]);
+  p.groups = static_cast<int>(g.groups);
+  return p;
+}
+
 // "" if conv_bn_act_cuda runs the convolution `g` on a device of compute
 // capability `major`.x, else why not (and where to go). The one rule: the op
 // checks it, and backend=None routing asks it (fastres._extension.
@@ -607,23 +631,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
   auto* y_ptr = static_cast<char*>(y.data_ptr());
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t n = std::min(chunk, N - n0);
-    ConvProblem p;
-    p.N = static_cast<int>(n);
-    p.H = static_cast<int>(H);
-    p.W = static_cast<int>(W);
-    p.C = static_cast<int>(c_pad);
-    p.K = static_cast<int>(k_pad);
-    p.R = static_cast<int>(R);
-    p.S = static_cast<int>(S);
-    p.P = static_cast<int>(P);
-    p.Q = static_cast<int>(Q);
-    p.pad_h = static_cast<int>(padding[0]);
-    p.pad_w = static_cast<int>(padding[1]);
-    p.stride_h = static_cast<int>(stride[0]);
-    p.stride_w = static_cast<int>(stride[1]);
-    p.dil_h = static_cast<int>(dilation[0]);
-    p.dil_w = static_cast<int>(dilation[1]);
-    p.groups = static_cast<int>(groups);
+    ConvProblem p = problem(geom, n, c_pad, k_pad);
     p.x = x_ptr + n0 * image_in;
     p.w = w.const_data_ptr();
     p.residual = has_residual ? r_ptr + n0 * image_out : nullptr;
@@ -710,23 +718,7 @@ std::vector<int64_t> conv_bn_act_cuda_sm90_plan(at::ScalarType dtype, int64_t ti
   const int64_t int_max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK_VALUE(std::max({N, C, H, W, K, R, S}) <= int_max && g.P() >= 1 && g.Q() >= 1, op,
                     ": expected a non-empty output and extents below 2^31");
-  ConvProblem p{};
-  p.N = static_cast<int>(N);
-  p.H = static_cast<int>(H);
-  p.W = static_cast<int>(W);
-  p.C = static_cast<int>(C);
-  p.K = static_cast<int>(K);
-  p.R = static_cast<int>(R);
-  p.S = static_cast<int>(S);
-  p.P = static_cast<int>(g.P());
-  p.Q = static_cast<int>(g.Q());
-  p.pad_h = static_cast<int>(padding[0]);
-  p.pad_w = static_cast<int>(padding[1]);
-  p.stride_h = static_cast<int>(stride[0]);
-  p.stride_w = static_cast<int>(stride[1]);
-  p.dil_h = static_cast<int>(dilation[0]);
-  p.dil_w = static_cast<int>(dilation[1]);
-  p.groups = 1;
+  const ConvProblem p = problem(g, N, C, K);
   const ConvDtype kdtype = dtype == at::kHalf ? ConvDtype::kF16 : ConvDtype::kBF16;
   const conv::Sm90Plan r = plan_sm90(kdtype, static_cast<Sm90Tile>(tile), p);
   return {r.implementable, r.workspace_bytes, r.gemm_m, r.gemm_n, r.gemm_k, r.out_n, r.out_p, r.out_q, r.out_k,
