@@ -47,6 +47,34 @@ def unsupported_reason(x: Tensor, scale: Tensor, residual: Optional[Tensor], act
     return "a bf16/fp16 residual add or SiLU would round an intermediate"
 
 
+def residual_unsupported_reason(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                                act: str) -> Optional[str]:
+    """Why :func:`bn_act_residual` does not stand for the reference here, or None."""
+    if x.device.type != "cpu" or is_tracing():
+        return "CPU tensors outside tracing only"
+    if x.dtype not in _LOW or scale.dtype != torch.float32 or residual is None or act == "silu":
+        return "a bf16/fp16 x with an fp32 scale, a residual and ReLU or identity only"
+    if residual.dtype != x.dtype or residual.stride() != x.stride():
+        return "a residual of x's dtype and strides only"
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return "NCHW or channels_last x only (the reference's output keeps other strides)"
+    return None
+
+
+def bn_act_residual(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor, act: str) -> Tensor:
+    """:func:`fastres.reference.bn_act` for a bf16/fp16 ``x`` with a residual, in the
+    reference's fp32 roundings (the product, the shift, the residual add, one rounding
+    to ``x``'s dtype) in five passes instead of the reference's seven: the fp32 product
+    of the promoted ``x`` (``x`` converts exactly), two in-place adds, the in-place
+    activation (NaN propagates, as ``torch.relu``), the copy into ``x``'s dtype and
+    memory format."""
+    z = torch.mul(x, scale.view(1, -1, 1, 1))
+    z.add_(shift.view(1, -1, 1, 1)).add_(residual)
+    if act == "relu":
+        z.relu_()
+    return torch.empty_like(x).copy_(z)
+
+
 def _unit_stats(scale: Tensor) -> Tuple[Tensor, Tensor]:
     """The running mean 0 and variance 1 that make BatchNorm's ``weight`` and ``bias`` the scale and shift."""
     c = scale.shape[0]

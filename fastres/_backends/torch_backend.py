@@ -25,6 +25,7 @@ def _batchnorm_reason(x, scale, shift, residual, act) -> Optional[str]:
 
 _BN_ACT = [
     Impl("batchnorm-kernels", _cpu_bn.bn_act, supports=_batchnorm_reason),
+    Impl("fp32-residual-epilogue", _cpu_bn.bn_act_residual, supports=_cpu_bn.residual_unsupported_reason),
     Impl("reference", reference.bn_act),
 ]
 _BN_ACT_BACKWARD = [
