@@ -15,7 +15,9 @@ Used where the result is the reference's up to the order of fp32 roundings:
 fp32 and fp64 (with ``scale`` of ``x``'s dtype), and bf16/fp16 without a
 residual and with ReLU or identity (where ``grad_z`` is ``grad`` or zero, so
 the kernels round each output once from fp32, like the reference); a bf16
-residual add or SiLU would round an intermediate in bf16, so they keep the
+residual add or SiLU would round an intermediate in bf16 there: a bf16/fp16
+residual with ReLU or identity runs as :func:`bn_act_residual` instead (the
+reference's fp32 roundings in fewer passes; its forward only), SiLU keeps the
 reference. NCHW or channels_last inputs only (for any other strides the
 reference's output keeps them), and not under tracing: graphs keep the
 reference's plain ops.

@@ -1,7 +1,8 @@
 """The ``"torch"`` backend: plain PyTorch on any device.
 
 ``bn_act`` runs through BatchNorm's vectorized CPU kernels where they give the
-reference's result (``fastres._cpu_bn``), and under autograd as one function with
+reference's result, and a bf16/fp16 residual epilogue in the reference's fp32
+roundings in fewer passes (``fastres._cpu_bn``), and under autograd as one function with
 the kernel ops' formula (it keeps what they keep); ``conv_bn_act`` runs CPU
 inference through oneDNN's fused convolution with the BN folded into a prepared
 weight (``fastres._onednn``), and fp32 1x1 convs on few pixels as one matmul
