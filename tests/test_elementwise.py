@@ -242,3 +242,21 @@ def test_compile_fullgraph():
         return fastres.ops.add_act(fastres.ops.bn_act(x, scale, shift, r, "silu"), r)
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, r), f(x, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act", ["relu", "identity"])
+def test_cpu_bn_act_residual_is_the_reference_bit_for_bit(dtype, fmt, act):
+    """fastres._cpu_bn.bn_act_residual (the CPU bf16/fp16 residual epilogue) rounds as the reference."""
+    from fastres import _cpu_bn
+
+    torch.manual_seed(0)
+    x, r = ((torch.randn(2, 5, 7, 9) * 3).to(dtype).contiguous(memory_format=fmt) for _ in range(2))
+    x[0, 1, 2, 3] = float("nan")
+    scale, shift = torch.rand(5) + 0.5, torch.randn(5)
+    assert _cpu_bn.residual_unsupported_reason(x, scale, shift, r, act) is None
+    got = _cpu_bn.bn_act_residual(x, scale, shift, r, act)
+    want = reference.bn_act(x, scale, shift, r, act)
+    assert got.dtype == dtype and got.stride() == want.stride()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
