@@ -34,14 +34,22 @@ from fastres._tracing import is_tracing
 _LOW = (torch.bfloat16, torch.float16)
 
 
-def unsupported_reason(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> Optional[str]:
-    """Why :func:`bn_act` and :func:`bn_act_backward` do not stand for the reference here, or None."""
+def _cpu_dense_reason(x: Tensor) -> Optional[str]:
+    """Why no path of this module stands for the reference on ``x`` whatever its dtype, or None."""
     if x.device.type != "cpu":
         return "BatchNorm's CPU kernels need CPU tensors"
     if is_tracing():
         return "traced graphs keep the reference's plain ops"
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        return "BatchNorm's output would be NCHW where the reference's keeps x's strides"
+        return "NCHW or channels_last x only (the reference's output keeps other strides)"
+    return None
+
+
+def unsupported_reason(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> Optional[str]:
+    """Why :func:`bn_act` and :func:`bn_act_backward` do not stand for the reference here, or None."""
+    reason = _cpu_dense_reason(x)
+    if reason is not None:
+        return reason
     if x.dtype in (torch.float32, torch.float64):
         return None if scale.dtype == x.dtype else "scale's dtype differs from x's"
     if x.dtype in _LOW and scale.dtype == torch.float32 and residual is None and act != "silu":
@@ -52,14 +60,13 @@ def unsupported_reason(x: Tensor, scale: Tensor, residual: Optional[Tensor], act
 def residual_unsupported_reason(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                                 act: str) -> Optional[str]:
     """Why :func:`bn_act_residual` does not stand for the reference here, or None."""
-    if x.device.type != "cpu" or is_tracing():
-        return "CPU tensors outside tracing only"
+    reason = _cpu_dense_reason(x)
+    if reason is not None:
+        return reason
     if x.dtype not in _LOW or scale.dtype != torch.float32 or residual is None or act == "silu":
         return "a bf16/fp16 x with an fp32 scale, a residual and ReLU or identity only"
     if residual.dtype != x.dtype or residual.stride() != x.stride():
         return "a residual of x's dtype and strides only"
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        return "NCHW or channels_last x only (the reference's output keeps other strides)"
     return None
 
 
