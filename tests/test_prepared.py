@@ -317,10 +317,11 @@ def test_packed_geometries_are_bounded():
 @pytest.mark.parametrize("batch", [1, 3])
 def test_one_pixel_output_takes_the_packed_path_with_nchw_strides(dtype, batch):
     """An NCHW conv with a 1x1 output (layer3-4 of a small input) runs on a packed weight, as a
-    channels_last one would (the same memory), and returns F.conv2d's strides and values."""
+    channels_last one would (the same memory), and returns F.conv2d's strides and values (8 input
+    channels: fp32 convs of 16 or more this small take ATen's conv2d, tests/test_cpu_small_conv.py)."""
     torch.manual_seed(0)
-    m = randomize_bn(ConvBNAct(16, 32, 3)).eval().to(dtype)
-    x = torch.randn(batch, 16, 1, 1, dtype=dtype)
+    m = randomize_bn(ConvBNAct(8, 32, 3)).eval().to(dtype)
+    x = torch.randn(batch, 8, 1, 1, dtype=dtype)
     with torch.inference_mode():
         out = m(x)
         expected = torch.relu(m.bn(m.conv(x)))

@@ -5,8 +5,9 @@ reference's result, and a bf16/fp16 residual epilogue in the reference's fp32
 roundings in fewer passes (``fastres._cpu_bn``), and under autograd as one function with
 the kernel ops' formula (it keeps what they keep); ``conv_bn_act`` runs CPU
 inference through oneDNN's fused convolution with the BN folded into a prepared
-weight (``fastres._onednn``), and fp32 1x1 convs on few pixels as one matmul
-(``fastres._cpu_gemm``). Everything else is the reference
+weight (``fastres._onednn``), fp32 1x1 convs on few pixels as one matmul
+(``fastres._cpu_gemm``) and other small fp32 convs as ATen's ``conv2d`` on the folded weight
+(``fastres._cpu_small_conv``). Everything else is the reference
 (``fastres.reference``).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from fastres import _cpu_bn, _cpu_gemm, _layout, _onednn, _opdefs, reference
+from fastres import _cpu_bn, _cpu_gemm, _cpu_small_conv, _layout, _onednn, _opdefs, reference
 from fastres._backends.spec import Backend, Impl, first_supporting
 from fastres._tracing import is_tracing
 
@@ -75,8 +76,21 @@ def _gemm(x, weight, scale, shift, residual, stride, padding, dilation, groups, 
     return _cpu_gemm.run(_cpu_gemm.prepare(x, weight, scale, shift), x, residual, act)
 
 
-def _gemm_form_key(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+def _folded_form_key(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
     return (x.dtype, _layout.conv_out_channels_last(x, weight))
+
+
+def _small_prepare(source_weight, x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _cpu_small_conv.prepare(x, source_weight, scale, shift)
+
+
+def _small_run(form, x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _cpu_small_conv.run(form, x, residual, act, stride, padding, dilation)
+
+
+def _small(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _cpu_small_conv.run(_cpu_small_conv.prepare(x, weight, scale, shift), x, residual, act, stride, padding,
+                               dilation)
 
 
 def _onednn_reason(x, weight, scale, shift, residual, stride, padding, dilation, groups, act) -> Optional[str]:
@@ -105,7 +119,9 @@ BACKEND = Backend(
         "bn_act_backward": _BN_ACT_BACKWARD,
         "conv_bn_act": [
             Impl("gemm-1x1", _gemm, supports=_cpu_gemm.unsupported_reason, prepare=_gemm_prepare, run=_gemm_run,
-                 form_key=_gemm_form_key),
+                 form_key=_folded_form_key),
+            Impl("small-conv", _small, supports=_cpu_small_conv.unsupported_reason, prepare=_small_prepare,
+                 run=_small_run, form_key=_folded_form_key),
             Impl("onednn", _onednn.conv_bn_act, supports=_onednn_reason, prepare=_onednn_prepare, run=_onednn_run,
                  form_key=_onednn_form_key),
             Impl("reference", reference.conv_bn_act),
