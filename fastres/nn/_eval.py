@@ -2,6 +2,7 @@
 ``fastres.ops`` call on the module's prepared forms (``fastres/nn/_prepared.py``)."""
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -72,6 +73,10 @@ def _call_key(x: Tensor, residual: Optional[Tensor], act: str, backend: Optional
             torch.is_inference_mode_enabled(), torch.is_grad_enabled())
 
 
+_VERSION = operator.attrgetter("_version")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 class CallPlan:
     """The implementation, prepared form and arguments of a module's last call (on the devices
     whose choice is not tuned per shape). A call with the same :func:`_call_key`, on the same
@@ -93,10 +98,10 @@ class CallPlan:
     def matches(self, sources: tuple, key: tuple) -> bool:
         return (
             key == self.key
-            and all(a is b for a, b in zip(sources, self.sources))
-            and tuple(t.data_ptr() for t in self.tracked) == self.ptrs
-            and tuple(t._version for t in self.versioned) == self.versions
-            and not (key[-1] and any(t.requires_grad for t in self.tracked))
+            and all(map(operator.is_, sources, self.sources))
+            and tuple(map(Tensor.data_ptr, self.tracked)) == self.ptrs
+            and tuple(map(_VERSION, self.versioned)) == self.versions
+            and not (key[-1] and any(map(_REQUIRES_GRAD, self.tracked)))
         )
 
     def run(self, x: Tensor, residual: Optional[Tensor], act: str) -> Tensor:

@@ -137,7 +137,10 @@ def bn_unfusable_reason(bn: nn.Module, *, runtime: bool = False) -> Optional[str
 
 def uses_batch_stats(bn: nn.Module) -> bool:
     """Whether ``bn`` normalizes with batch statistics now (``nn.BatchNorm2d``'s rule; never for a frozen BN)."""
-    return isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None or bn.running_var is None)
+    if not isinstance(bn, _BatchNorm):
+        return False
+    buffers = bn._buffers  # (registered, possibly as None, by _NormBase)
+    return bn.training or buffers.get("running_mean") is None or buffers.get("running_var") is None
 
 
 def norm_activation(bn: nn.Module) -> Optional[nn.Module]:
