@@ -44,6 +44,7 @@ training, gradients and optimizer state); previous cases are freed first.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import gc
@@ -419,9 +420,11 @@ def _setup_eval(p: ModelProvider, base: nn.Module, x: torch.Tensor, labels, devi
 
         units = list(fastres.nn.modules.fused_modules(model))
         extra["prepared_mib"] = sum(m._fastres_cache.nbytes() for m in units) / MiB
-        if device.type == "cpu":  # whether the oneDNN fused conv ran (a prepared oneDNN form per conv that did)
-            onednn = sum(1 for m in units for (_, kind) in m._fastres_cache._entries if kind == "onednn")
-            extra["onednn_convs"] = f"{onednn}/{sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))}"
+        if device.type == "cpu":  # which CPU paths the convs ran (a prepared form per conv and path that ran)
+            paths = collections.Counter(kind for m in units for (_, kind) in m._fastres_cache._entries
+                                        if kind not in ("scale_shift", "weight"))
+            convs = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))
+            extra["conv_paths"] = ", ".join(f"{kind} {n}" for kind, n in sorted(paths.items())) + f" of {convs}"
     return _Prepared(forward, first_s, y, (model, fwd, graph, xin), extra)
 
 
