@@ -186,7 +186,8 @@ def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
         grad_src = grad_a
     elif need_a:
         if prev.activation == "relu":
-            gz = torch.ops.aten.threshold_backward(grad_a, a, 0)
+            # in place: grad_a is the conv backward's fresh tensor (a full-size allocation fewer)
+            gz = torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
         elif prev.activation == "silu":
             gz = torch.ops.aten.silu_backward(grad_a, z)
         else:
