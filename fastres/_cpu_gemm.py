@@ -36,11 +36,15 @@ def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, 
         return f"{pixels} pixels (this path takes 1 to {MAX_PIXELS})"
     if not (_layout.conv_out_channels_last(x, weight) or x.shape[2] * x.shape[3] == 1):
         return "an NCHW output of more than one pixel per image"
+    return eager_inference_reason(x, weight, scale, shift, residual)
+
+
+def eager_inference_reason(*tensors: Optional[Tensor]) -> Optional[str]:
+    """Why a CPU path that computes no gradient and is no traced op must not run on ``tensors``,
+    or None."""
     if is_tracing():
         return "a traced graph holds the reference's ops"
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, scale, shift, residual)
-    ):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "it computes no gradient"
     return None
 

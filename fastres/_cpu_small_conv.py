@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastres import _conv, _layout, reference
-from fastres._tracing import is_tracing
+from fastres._cpu_gemm import eager_inference_reason
 
 # The most multiply-adds (N * P * Q * K * C * R * S) a conv may have for this path, the most
 # weight elements (K * C * R * S) a conv larger than 1x1 may have, and the fewest input
@@ -49,13 +49,7 @@ def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, 
         return f"{macs} multiply-adds (this path takes 1 to {MAX_MACS})"
     if r * s > 1 and k * c * r * s > MAX_WEIGHT:
         return f"a {r}x{s} conv of {k * c * r * s} weight elements (this path takes at most {MAX_WEIGHT})"
-    if is_tracing():
-        return "a traced graph holds the reference's ops"
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, scale, shift, residual)
-    ):
-        return "it computes no gradient"
-    return None
+    return eager_inference_reason(x, weight, scale, shift, residual)
 
 
 class Prepared(NamedTuple):
