@@ -5,15 +5,14 @@ With the BN scale folded into the weight (fp32 math) and the shift as the bias,
 ``act(conv2d(x, folded, shift) (+ residual))`` is what oneDNN's fused conv computes. On a conv
 of little work (ResNet's layer2-4 on a small input) a call is nearly all fixed cost, and
 oneDNN's fused primitive costs more per call than ATen's ``conv2d``, which picks its own kernel
-for such shapes (im2col and a matmul), adds the bias and leaves an in-place activation: per
-call, 1.1-2.7x faster on channels_last inputs of at most :data:`MAX_MACS` multiply-adds (and,
-larger than 1x1, :data:`MAX_WEIGHT` weight elements), 1.0-3.2x on NCHW inputs (fp32, timed per ResNet shape on
-a Xeon with AMX, 2 threads). Past either bound oneDNN is faster (up to 5x on a 512-channel 3x3
-conv, whose im2col ATen rebuilds per call and whose padding taps oneDNN skips on a one-pixel
-input), so this path stops there. The
-stem (C < 16: oneDNN's direct kernel is faster) and grouped convs (not measured) keep oneDNN;
-fp32 only, as for the 1x1 matmul path (``fastres._cpu_gemm``), which takes 1x1 stride-1 convs
-first.
+for such shapes (im2col and a matmul), adds the bias and leaves an in-place activation (fp32,
+timed per ResNet shape on a Xeon with AMX, 2 threads, channels_last and NCHW inputs; the
+benchmark's 16x16 host-overhead rows show the effect on a whole model). The bounds are where
+oneDNN becomes the faster: :data:`MAX_MACS` multiply-adds and, for a conv larger than 1x1 (whose
+im2col ATen rebuilds per call, and whose padding taps oneDNN skips on a one-pixel input),
+:data:`MAX_WEIGHT` weight elements. The stem (C < 16: oneDNN's direct kernel is faster) and
+grouped convs (not measured) keep oneDNN; fp32 only, as for the 1x1 matmul path
+(``fastres._cpu_gemm``), which takes 1x1 stride-1 convs first.
 """
 from __future__ import annotations
 
