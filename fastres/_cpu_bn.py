@@ -45,14 +45,15 @@ def _cpu_dense_reason(x: Tensor) -> Optional[str]:
     return None
 
 
-def unsupported_reason(x: Tensor, scale: Tensor, residual: Optional[Tensor], act: str) -> Optional[str]:
-    """Why :func:`bn_act` and :func:`bn_act_backward` do not stand for the reference here, or None."""
+def unsupported_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor], act: str) -> Optional[str]:
+    """Why :func:`bn_act` and :func:`bn_act_backward` (with a ``scale`` of ``scale_dtype``) do not
+    stand for the reference here, or None."""
     reason = _cpu_dense_reason(x)
     if reason is not None:
         return reason
     if x.dtype in (torch.float32, torch.float64):
-        return None if scale.dtype == x.dtype else "scale's dtype differs from x's"
-    if x.dtype in _LOW and scale.dtype == torch.float32 and residual is None and act != "silu":
+        return None if scale_dtype == x.dtype else "scale's dtype differs from x's"
+    if x.dtype in _LOW and scale_dtype == torch.float32 and residual is None and act != "silu":
         return None
     return "a bf16/fp16 residual add or SiLU would round an intermediate"
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import fastres
 from fastres import ops
-from fastres.nn import BasicBlock, Bottleneck, ConvBNAct
+from fastres.nn import BasicBlock, Bottleneck, ConvBNAct, _train
 from conftest import DEVICE, kernel_backends
 
 # fp32 convolutions on a GPU run as TF32 (PyTorch's default for cuDNN, which the
@@ -65,21 +65,29 @@ def assert_as_accurate(actual, reference, exact, what="", factor=4.0, rtol=1e-5)
 
 
 class Counter:
-    """Counts the calls of fastres.ops functions (monkeypatched wrappers); ``conv_bn_act`` counts
+    """Counts the calls of functions of ``module`` (monkeypatched wrappers), by the names of
+    ``functions`` (name -> attribute); by default fastres.ops's: ``conv_bn_act`` counts
     ``run_conv_bn_act``, the entry of the public function and of fastres.nn's eval units."""
 
     OPS = {"conv_bn_act": "run_conv_bn_act", "bn_act": "bn_act"}
 
-    def __init__(self, monkeypatch):
-        self.calls = {"conv_bn_act": 0, "bn_act": 0}
-        for name, attr in self.OPS.items():
-            orig = getattr(ops, attr)
+    def __init__(self, monkeypatch, module=ops, functions=OPS):
+        self.calls = dict.fromkeys(functions, 0)
+        for name, attr in functions.items():
+            orig = getattr(module, attr)
 
             def wrapper(*args, _orig=orig, _name=name, **kwargs):
                 self.calls[_name] += 1
                 return _orig(*args, **kwargs)
 
-            monkeypatch.setattr(ops, attr, wrapper)
+            monkeypatch.setattr(module, attr, wrapper)
+
+
+def unit_counter(monkeypatch) -> Counter:
+    """Counts the training units' BN passes: ``forward``, each unit's BN with batch statistics
+    (``_train._bn_forward``); ``applied``, each BN-activation pass over a tensor
+    (``_train._bn_act``: the forward's, and the backward's recomputations)."""
+    return Counter(monkeypatch, _train, {"forward": "_bn_forward", "applied": "_bn_act"})
 
 
 def _unfused(fr: ConvBNAct):
@@ -135,7 +143,7 @@ def test_conv_bn_act_train_matches_modules(bn_kwargs, conv_bias, monkeypatch):
     norm = lambda c: nn.BatchNorm2d(c, **bn_kwargs)  # noqa: E731
     m = randomize_bn(ConvBNAct(4, 6, 3, bias=conv_bias, norm_layer=norm, activation="silu"))
     ref = copy.deepcopy(_unfused(m))
-    count = Counter(monkeypatch)
+    count, units = Counter(monkeypatch), unit_counter(monkeypatch)
     for step in range(3):  # several steps: momentum=None averages over num_batches_tracked
         x = torch.randn(3, 4, 7, 5)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -156,8 +164,9 @@ def test_conv_bn_act_train_matches_modules(bn_kwargs, conv_bias, monkeypatch):
                 assert_close(b, c, 1e-6, name)
             else:
                 assert torch.equal(b, c), name
-    # per step: the forward's, and the backward's recomputed SiLU input (bn(y) + residual)
-    assert count.calls == {"conv_bn_act": 0, "bn_act": 6}
+    # per step: the forward's BN, and the backward's recomputed SiLU input (bn(y) + residual)
+    assert units.calls == {"forward": 3, "applied": 6}
+    assert count.calls == {"conv_bn_act": 0, "bn_act": 0}  # BatchNorm's CPU kernels, called directly
     # and eval afterwards, with the statistics it learned
     m.eval(), ref.eval()
     x = torch.randn(2, 4, 6, 6)
@@ -251,11 +260,12 @@ def test_block_train_step_matches(name, monkeypatch):
     fr.train(), tv.train()
     x = torch.randn(2, fr.conv1.in_channels, 9, 10)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    count = Counter(monkeypatch)
+    count, units = Counter(monkeypatch), unit_counter(monkeypatch)
     out, expected = fr(x1), tv(x2)
     assert_close(out, expected, 1e-5)
     n_convs = 3 if isinstance(fr, Bottleneck) else 2
-    assert count.calls == {"conv_bn_act": 0, "bn_act": n_convs + (fr.downsample is not None)}
+    n_units = n_convs + (fr.downsample is not None)
+    assert units.calls == {"forward": n_units, "applied": n_units}
     g = torch.randn_like(out)
     out.backward(g), expected.backward(g)
     assert_close(x1.grad, x2.grad, 1e-5, "grad x")
@@ -264,7 +274,8 @@ def test_block_train_step_matches(name, monkeypatch):
     for (name, b), c in zip(fr.named_buffers(), tv.buffers()):
         assert_close(b.double(), c.double(), 1e-6, name)
     # the backward recomputes each deferred activation (all but the last conv's) once
-    assert count.calls == {"conv_bn_act": 0, "bn_act": 2 * n_convs - 1 + (fr.downsample is not None)}
+    assert units.calls == {"forward": n_units, "applied": n_units + n_convs - 1}
+    assert count.calls == {"conv_bn_act": 0, "bn_act": 0}  # BatchNorm's CPU kernels, called directly
 
 
 @pytest.mark.parametrize("activation", ["silu", "identity"])

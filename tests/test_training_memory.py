@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -125,7 +126,7 @@ def _leaf(*shape):
 def _state(y, weight, bias, act):
     """The batch statistics a training unit computes for ``y`` (no gradient, no running stats)."""
     var, mean = _train._batch_stats(y.detach(), nn.BatchNorm2d(y.shape[1], track_running_stats=False), 0)
-    return _train._state(var, mean, weight, bias, 1e-5, act)
+    return _train._state(mean, torch.rsqrt(var + 1e-5), weight, bias, 1e-5, act, False)
 
 
 def _away_from_relu_kink(y, bias):
@@ -145,22 +146,25 @@ def _stats_bn(c):
 @pytest.mark.parametrize("act_prev", ACTIVATIONS)
 def test_gradcheck_conv_batch_stats(backend, act_prev):
     """y = conv(act(bn(src))) with bn's batch statistics of src (and y = conv(src)), with a conv
-    bias: the gradients of src, the BN weight and bias, the conv weight and bias."""
+    bias: the gradients of src, the BN weight and bias, the conv weight and bias; the unit's own
+    activation and statistics carry none."""
     src, w, b = _leaf(2, 3, 4, 5), _leaf(4, 3, 3, 3), _leaf(4)
     bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
     if act_prev == "relu":
         _away_from_relu_kink(src, bn_b)
     conv_args = ((1, 1), (1, 1), (1, 1), 1)
 
+    def unit(s, bw, bb, w_, b_, prev):
+        return _train._ConvBNActDeferred.apply(s, bw, bb, w_, b_, None, None, None, prev, conv_args, "relu", backend,
+                                            None, _stats_bn(4), 40)
+
     def f(s, bw, bb, w_, b_):
-        y, var, mean = _train._ConvBatchStats.apply(s, bw, bb, w_, b_, _state(s, bw, bb, act_prev), conv_args,
-                                                    backend, None, _stats_bn(4), 40)
-        assert not var.requires_grad and not mean.requires_grad
+        y, a, state = unit(s, bw, bb, w_, b_, _state(s, bw, bb, act_prev))
+        assert not a.requires_grad and not any(t.requires_grad for t in state[:4])
         return y
 
     assert torch.autograd.gradcheck(f, (src, bn_w, bn_b, w, b))
-    plain = lambda s, w_, b_: _train._ConvBatchStats.apply(  # noqa: E731
-        s, None, None, w_, b_, None, conv_args, backend, None, _stats_bn(4), 40)[0]
+    plain = lambda s, w_, b_: unit(s, None, None, w_, b_, None)[0]  # noqa: E731
     assert torch.autograd.gradcheck(plain, (src, w, b))
 
 
@@ -184,9 +188,32 @@ def test_gradcheck_bn_act_batch_stats(backend, act, with_residual):
 
 
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
+@pytest.mark.parametrize("pool", [(3, 2, 1, False), (2, 2, 0, True)], ids=["k3s2p1", "k2s2-ceil"])
+def test_gradcheck_bn_relu_max_pool(backend, pool):
+    """max_pool2d(relu(bn(y))) of a pending BN, the ReLU's backward on the pooled output: the
+    gradients of y and the BN's weight and bias; the output is max_pool2d's."""
+    k, st, p, ceil = pool
+    y = _leaf(2, 3, 7, 9)
+    bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
+    _away_from_relu_kink(y, bn_b)
+    args = ((k, k), (st, st), (p, p), (1, 1), ceil)
+
+    def f(y_, bw, bb):
+        return _train._BNReLUMaxPool.apply(y_, bw, bb, None, _state(y_, bw, bb, "relu"), backend, *args)
+
+    state = _state(y, bn_w, bn_b, "relu")
+    expected = F.max_pool2d(torch.relu(y * state.scale.view(1, -1, 1, 1) + state.shift.view(1, -1, 1, 1)),
+                            k, st, p, ceil_mode=ceil)
+    torch.testing.assert_close(f(y, bn_w, bn_b), expected)
+    assert torch.autograd.gradcheck(f, (y, bn_w, bn_b), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("act", ACTIVATIONS)
-def test_gradcheck_conv_bn_act_recompute(backend, act):
-    """training_memory="min"'s last unit: act(bn(conv(silu(bn(src)))) + residual), BN affine."""
+@pytest.mark.parametrize("keep_y", [True, False], ids=["low", "min"])
+def test_gradcheck_conv_bn_act(backend, act, keep_y):
+    """A block's last unit, act(bn(conv(silu(bn(src)))) + residual), BN affine, keeping its conv
+    output or (training_memory="min") recomputing it."""
     src, w, r = _leaf(3, 2, 4, 4), _leaf(3, 2, 1, 1), _leaf(3, 3, 4, 4)
     bn_wp, bn_bp = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(2)
     bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
@@ -196,8 +223,8 @@ def test_gradcheck_conv_bn_act_recompute(backend, act):
         prev = None if bwp is None else _state(s, bwp, bbp, "silu")
         bn = _stats_bn(3)
         bn.weight, bn.bias = None, None  # eps from the module; the parameters are the function's inputs
-        return _train._ConvBNActRecompute.apply(s, bwp, bbp, w_, None, bw, bb, res, prev, conv_args, act,
-                                               backend, None, bn, 48)
+        return _train._ConvBNAct.apply(s, bwp, bbp, w_, None, bw, bb, res, None, prev, conv_args, act,
+                                       backend, None, bn, 48, keep_y)
 
     # relu: kinks are measure-zero but finite differences may cross one; check in a smooth point
     torch.manual_seed(0)

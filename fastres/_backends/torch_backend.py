@@ -22,7 +22,7 @@ from fastres._tracing import is_tracing
 
 
 def _batchnorm_reason(x, scale, shift, residual, act) -> Optional[str]:
-    return _cpu_bn.unsupported_reason(x, scale, residual, act)
+    return _cpu_bn.unsupported_reason(x, scale.dtype, residual, act)
 
 
 _BN_ACT = [

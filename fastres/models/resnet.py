@@ -161,8 +161,11 @@ class ResNet(FusedModule):
         else:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            x = self._conv_bn("bn1", x, self.conv1, self.bn1, self.relu)
-            x = max_pool(self.maxpool, x)
+            # in training the pooling takes the stem's pending BN (it runs ReLU's backward on its
+            # output), except with training_memory="min", where the stem keeps no conv output
+            defer = getattr(self, "training_memory", "low") != "min"
+            x = self._conv_bn("bn1", x, self.conv1, self.bn1, self.relu, defer=defer)
+            x = max_pool(self.maxpool, x, self.backend)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -1,12 +1,15 @@
 """Max pooling in training that keeps only its indices for backward."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
 from fastres import _layout
 from fastres._tracing import is_jit_or_fx_tracing
 from fastres.nn._fusability import has_hooks
+from fastres.nn._train import PendingBN, materialize, relu_max_pool
 
 
 class _MaxPool2dIndices(torch.autograd.Function):
@@ -43,15 +46,22 @@ class _MaxPool2dIndices(torch.autograd.Function):
         return (torch.ops.aten.max_pool2d_with_indices_backward(grad, like, *ctx.args, indices),) + (None,) * 5
 
 
-def max_pool(pool: nn.Module, x: Tensor) -> Tensor:
-    """``pool(x)``; in training, a plain ``nn.MaxPool2d`` runs as :class:`_MaxPool2dIndices`."""
-    if (
-        type(pool) is not nn.MaxPool2d or has_hooks(pool) or pool.return_indices or is_jit_or_fx_tracing()
-        or not torch.is_grad_enabled() or not x.requires_grad or x.dim() != 4
-    ):
+def max_pool(pool: nn.Module, x, backend: Optional[str]) -> Tensor:
+    """``pool(x)``, ``x`` a tensor or a training unit's :class:`PendingBN`; in training, a plain
+    ``nn.MaxPool2d`` runs as :class:`_MaxPool2dIndices`, or after a pending BN with ReLU with
+    the ReLU's backward on its output (``fastres.nn._train.relu_max_pool``)."""
+    plain = type(pool) is nn.MaxPool2d and not has_hooks(pool) and not pool.return_indices
+    if isinstance(x, PendingBN):
+        if plain and x.state.activation == "relu" and x.y.dim() == 4:
+            return relu_max_pool(x, backend, *_pool_args(pool))
+        x = materialize(x, backend)
+    if not plain or is_jit_or_fx_tracing() or not torch.is_grad_enabled() or not x.requires_grad or x.dim() != 4:
         return pool(x)
+    return _MaxPool2dIndices.apply(x, *_pool_args(pool))[0]
+
+
+def _pool_args(pool: nn.MaxPool2d):
+    """``(kernel_size, stride, padding, dilation, ceil_mode)`` of ``pool`` as pairs."""
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     stride = pool.kernel_size if pool.stride is None else pool.stride
-    return _MaxPool2dIndices.apply(
-        x, pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation), pool.ceil_mode
-    )[0]
+    return pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation), pool.ceil_mode

@@ -4,25 +4,25 @@ A unit runs ``F.conv2d``; the conv output's batch mean and biased variance in
 fp32 with the running-statistics update in one call of BatchNorm's own
 statistics kernel (:func:`_batch_stats`); and one ``fastres.ops.bn_act`` for
 normalize + residual + activation with ``scale = weight * invstd`` and
-``shift = bias - mean * scale``, as ATen's BatchNorm computes them. The backward
-is ``nn.BatchNorm2d``'s: the activation's backward, then one
-``native_batch_norm_backward`` in training mode from the kept conv output ``y``
-and the saved mean and invstd (the gradients of ``y``, the BN weight and bias,
-the batch statistics' own share included). Running statistics and gradients are
-``nn.BatchNorm2d``'s.
+``shift = bias - mean * scale``, as ATen's BatchNorm computes them (on the CPU
+the BatchNorm kernels that op runs there, called directly: :func:`_bn_act`). The backward is ``nn.BatchNorm2d``'s: the activation's
+backward, then one ``native_batch_norm_backward`` in training mode from the kept
+conv output ``y`` and the saved mean and invstd (the gradients of ``y``, the BN
+weight and bias, the batch statistics' own share included). Running statistics
+and gradients are ``nn.BatchNorm2d``'s.
 
-Memory: a unit whose output only feeds the next unit's conv (``defer=True``)
-returns a :class:`PendingBN`; the next unit applies it inside its own autograd
-function (:class:`_ConvBatchStats`), so the activation is never saved: the
-next unit keeps ``y`` and recomputes the activation in its backward, for its
-conv's gradients and the activation's backward. ``memory="min"``
-(``fastres.set_training_memory``) runs a block's last unit and the downsample
-as :class:`_ConvBNActRecompute`, which keeps no ``y`` and recomputes the conv in
-the backward. docs/models.md has the byte counts.
+Each unit is one autograd function. Memory: a unit whose output only feeds the
+next unit's conv (``defer=True``, :class:`_ConvBNActDeferred`) returns a
+:class:`PendingBN` whose activation the next unit's conv takes without saving
+it: the next unit's function differentiates the pending BN, keeps ``y`` and
+recomputes the activation in its backward, for its conv's gradients and the
+activation's backward. The other units (:class:`_ConvBNAct`) keep ``y``, or
+with ``memory="min"`` (``fastres.set_training_memory``) keep no ``y`` and
+recompute the conv in the backward. docs/models.md has the byte counts.
 
 The autograd functions take ``ctx`` in ``forward`` (no ``setup_context``):
 ``Function.apply`` then binds no signature per call (~30-80 us each), and
-they do not materialize zero gradients for their statistics outputs.
+they do not materialize zero gradients for their non-differentiable outputs.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastres import _conv, ops, reference
+from fastres import _conv, _cpu_bn, backends, ops, reference
 from fastres.nn._casting import cast
 from fastres.nn._fusability import conv_geometry
 
@@ -42,7 +42,8 @@ class BatchNormState(NamedTuple):
     """A BN with batch statistics as its consumer applies and differentiates it:
     ``act(y * scale + shift)`` with ``scale = weight * invstd``, ``shift = bias - mean *
     scale``, over the kept conv output ``y``. All fp32 (fp64 for fp64) per-channel
-    vectors without gradient: the BN's weight and bias travel as autograd inputs."""
+    vectors without gradient: the BN's weight and bias travel as autograd inputs.
+    ``kernels``: whether BatchNorm's CPU kernels apply it (:func:`_kernels`)."""
 
     mean: Tensor
     invstd: Tensor
@@ -50,22 +51,32 @@ class BatchNormState(NamedTuple):
     shift: Tensor
     eps: float
     activation: str
+    kernels: bool
 
 
 class PendingBN:
-    """A training unit's ``act(bn(y))``, not applied yet.
+    """A training unit's ``act(bn(y))``, not differentiable yet.
 
     A training unit (:func:`train_unit` with ``defer=True``) whose output only
     feeds the next unit's conv returns this instead of the activation: the next
-    unit applies it inside its own autograd function (:class:`_ConvBatchStats`),
-    which keeps ``y`` for backward instead of the activation and recomputes the
-    activation there, so the unit costs one full-size tensor instead of two.
+    unit's autograd function (:class:`_ConvBNActDeferred` or :class:`_ConvBNAct`)
+    takes the activation ``a`` (computed by this unit, without gradient) for its
+    conv and differentiates this BN itself; it keeps ``y`` for backward instead
+    of the activation and recomputes the activation there, so the unit costs one
+    full-size tensor instead of two.
     """
 
-    __slots__ = ("y", "state", "weight", "bias")
+    __slots__ = ("y", "a", "state", "weight", "bias")
 
-    def __init__(self, y: Tensor, state: BatchNormState, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
-        self.y, self.state, self.weight, self.bias = y, state, weight, bias
+    def __init__(self, y: Tensor, a: Tensor, state: BatchNormState, weight: Optional[Tensor],
+                 bias: Optional[Tensor]) -> None:
+        self.y, self.a, self.state, self.weight, self.bias = y, a, state, weight, bias
+
+    def take_activation(self) -> Optional[Tensor]:
+        """The activation for the consumer's conv, released here so that it lives no longer than
+        that conv (None once taken: a second consumer recomputes it)."""
+        a, self.a = self.a, None
+        return a
 
     def materialize(self, backend: Optional[str]) -> Tensor:
         return _BNAct.apply(self.y, self.weight, self.bias, None, self.state, backend)
@@ -76,15 +87,14 @@ def materialize(x, backend: Optional[str]) -> Tensor:
     return x.materialize(backend) if isinstance(x, PendingBN) else x
 
 
-def _state(var: Tensor, mean: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-           act: str) -> BatchNormState:
-    """The :class:`BatchNormState` of batch statistics ``var`` (biased), ``mean``."""
+def _state(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+           act: str, kernels: bool) -> BatchNormState:
+    """The :class:`BatchNormState` of batch statistics ``mean``, ``invstd``."""
     with torch.no_grad():
         ct = mean.dtype
-        invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.to(ct)
         shift = -mean * scale if bias is None else torch.addcmul(bias.to(ct), mean, scale, value=-1)
-    return BatchNormState(mean, invstd, scale, shift, eps, act)
+    return BatchNormState(mean, invstd, scale, shift, eps, act, kernels)
 
 
 def _bn_backward(gz: Tensor, y: Tensor, state: BatchNormState, weight: Optional[Tensor],
@@ -105,12 +115,37 @@ def _bn_backward(gz: Tensor, y: Tensor, state: BatchNormState, weight: Optional[
     )
 
 
+def _bn_act(y: Tensor, state: BatchNormState, residual: Optional[Tensor], act: str, backend: Optional[str]) -> Tensor:
+    """``act(y * scale + shift (+ residual))`` of ``state`` (``act`` may differ from its own)."""
+    if state.kernels:  # what ops.bn_act runs here, without its dispatch
+        return _cpu_bn.bn_act(y, state.scale, state.shift, residual, act)
+    return ops.bn_act(y, state.scale, state.shift, residual, act, backend=backend)
+
+
 def _apply(src: Tensor, state: Optional[BatchNormState], backend: Optional[str], act: Optional[str] = None) -> Tensor:
     """``src`` itself, or ``act(src * scale + shift)`` of the previous unit's BN (``act``
     overrides its activation)."""
     if state is None:
         return src
-    return ops.bn_act(src, state.scale, state.shift, None, state.activation if act is None else act, backend=backend)
+    return _bn_act(src, state, None, state.activation if act is None else act, backend)
+
+
+def _kernels(y: Tensor, residual: Optional[Tensor], act: str, backend: Optional[str]) -> bool:
+    """Whether ``fastres.ops.bn_act`` would run BatchNorm's CPU kernels here
+    (``fastres._cpu_bn``), which :func:`_bn_act` then calls without the op's dispatch."""
+    return (backends.resolve("fastres.nn", backend, y.device, "bn_act") == "torch"
+            and _cpu_bn.unsupported_reason(y, reference.compute_dtype(y.dtype), residual, act) is None)
+
+
+def _bn_forward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], bn: _BatchNorm,
+                residual: Optional[Tensor], act: str, backend: Optional[str], n: int):
+    """``(act(bn(y) (+ residual)), state)`` with the batch statistics of ``y`` (``bn``'s
+    running statistics updated; ``weight``, ``bias``: its parameters): the statistics
+    (:func:`_batch_stats`), then one BN-activation (:func:`_bn_act`), the very ops that
+    recompute it in the backward (bit-identical)."""
+    var, mean = _batch_stats(y, bn, n)
+    state = _state(mean, torch.rsqrt(var + bn.eps), weight, bias, bn.eps, act, _kernels(y, residual, act, backend))
+    return _bn_act(y, state, residual, act, backend), state
 
 
 def _batch_stats(t: Tensor, bn: _BatchNorm, n: int) -> Tuple[Tensor, Tensor]:
@@ -139,13 +174,12 @@ def _batch_stats(t: Tensor, bn: _BatchNorm, n: int) -> Tuple[Tensor, Tensor]:
     return var, mean
 
 
-def _conv_stats(src, prev: Optional[BatchNormState], weight, bias, conv_args, backend, low, bn, n):
-    """``(a, y, var, mean)``: the conv's input, its output and batch statistics (running
-    statistics updated)."""
-    a = _apply(src, prev, backend)
-    y = F.conv2d(a, cast(weight, low), cast(bias, low), *conv_args)
-    var, mean = _batch_stats(y, bn, n)
-    return a, y, var, mean
+def _conv_output(src, a, prev: Optional[BatchNormState], weight, bias, conv_args, backend, low) -> Tensor:
+    """The unit's conv output: of ``a``, the previous unit's activation if it came with
+    ``src``, else of ``src`` with the previous unit's BN applied."""
+    if a is None:
+        a = _apply(src, prev, backend)
+    return F.conv2d(a, cast(weight, low), cast(bias, low), *conv_args)
 
 
 def _save_conv(ctx, prev, conv_args, backend, low, bias) -> None:
@@ -153,8 +187,6 @@ def _save_conv(ctx, prev, conv_args, backend, low, bias) -> None:
     ctx.prev, ctx.conv_args, ctx.backend, ctx.low = prev, conv_args, backend, low
     ctx.bias_sizes = None if bias is None else list(bias.shape)
     ctx.bias_dtype = None if bias is None else bias.dtype
-
-
 def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
     """Gradients ``(src, weight_p, bias_p, weight, bias)`` of ``conv2d(a, weight, bias)``
     with ``a = src`` or ``a = act(bn(src))`` (``ctx.prev``: the BN with the batch
@@ -203,41 +235,45 @@ def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
     )
 
 
-class _ConvBatchStats(torch.autograd.Function):
-    """One training unit's conv and batch statistics: ``(y, var, mean)``.
+class _ConvBNActDeferred(torch.autograd.Function):
+    """A deferred training unit (its output only feeds the next unit's conv): its conv,
+    BN with batch statistics and activation, ``(y, a, state)``, differentiable in ``y`` only.
 
-    Forward, with ``a = src`` or, when the input is the previous unit's pending
-    BN (``prev``, parameters ``weight_p``/``bias_p``), ``a = act_prev(bn_prev(src))``::
+    Forward, with ``src`` itself or, when the input is the previous unit's pending
+    BN (``prev``, parameters ``weight_p``/``bias_p``), its activation
+    (``a_prev``, or recomputed from ``src``) as the conv's input::
 
-        y = conv2d(a, weight, bias)
-        var, mean = biased variance and mean of y over (N, H, W) (fp32; fp64 for fp64)
+        y = conv2d(input, weight, bias)
+        a = act(bn(y))  (BN weight ``bn_weight``, bias ``bn_bias``; batch statistics of y)
 
-    and ``bn``'s running-statistics update. ``var`` and ``mean`` carry no
-    gradient: the consumer of ``y`` (the next unit's function, :class:`_BNAct`)
-    differentiates its BN with batch statistics as a whole (:func:`_bn_backward`).
+    and ``bn``'s running-statistics update (:func:`_bn_forward`). ``a`` and the
+    :class:`BatchNormState` carry no gradient: the next unit's conv takes ``a``
+    and its function differentiates this BN as a whole (:func:`_bn_backward`),
+    from ``y``.
 
     Saved for backward: ``src`` (the previous unit's ``y``, which nothing else
-    keeps, or the block input, kept by its every consumer anyway); ``a`` is not
-    kept but recomputed in the backward. The gradients of ``src``, the previous
-    BN's weight and bias are ``nn.BatchNorm2d``'s.
+    keeps, or the block input, kept by its every consumer anyway); the previous
+    activation is not kept but recomputed in the backward. The gradients of
+    ``src``, the previous BN's weight and bias are ``nn.BatchNorm2d``'s.
     """
 
     @staticmethod
-    def forward(ctx, src, weight_p, bias_p, weight, bias, prev, conv_args, backend, low, bn, n):
-        _, y, var, mean = _conv_stats(src, prev, weight, bias, conv_args, backend, low, bn, n)
+    def forward(ctx, src, weight_p, bias_p, weight, bias, bn_weight, bn_bias, a_prev, prev, conv_args, act, backend,
+                low, bn, n):
+        y = _conv_output(src, a_prev, prev, weight, bias, conv_args, backend, low)
+        a, state = _bn_forward(y, bn_weight, bn_bias, bn, None, act, backend, n)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(var, mean)
+        ctx.mark_non_differentiable(a)
         ctx.save_for_backward(src, weight_p, weight)
         _save_conv(ctx, prev, conv_args, backend, low, bias)
-        return y, var, mean
+        return y, a, state
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_var, _grad_mean):
+    def backward(ctx, grad_y, _grad_a, _grad_state):
         if grad_y is None:  # zero gradients are not materialized
-            return (None,) * 11
+            return (None,) * 15
         src, weight_p, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        return _conv_backward(ctx, grad_y, src, weight_p, weight, None, need[:5]) + (None,) * 6
+        return _conv_backward(ctx, grad_y, src, weight_p, weight, None, ctx.needs_input_grad[:5]) + (None,) * 10
 
 
 def _act_backward(grad, y, state: BatchNormState, residual, out, backend) -> Tensor:
@@ -248,29 +284,33 @@ def _act_backward(grad, y, state: BatchNormState, residual, out, backend) -> Ten
         return grad
     if act == "relu":
         if out is None:
-            out = ops.bn_act(y, state.scale, state.shift, residual, "relu", backend=backend)
+            out = _bn_act(y, state, residual, "relu", backend)
         return torch.ops.aten.threshold_backward(grad, out, 0)
-    z = ops.bn_act(y, state.scale, state.shift, residual, "identity", backend=backend)
-    return torch.ops.aten.silu_backward(grad, z)
+    return torch.ops.aten.silu_backward(grad, _bn_act(y, state, residual, "identity", backend))
+
+
+def _saved_output(out: Tensor, act: str, residual: Optional[Tensor]) -> Optional[Tensor]:
+    """What of its output a unit keeps for the activation's backward: for ReLU after a
+    residual add the output, as ``torch.relu`` keeps it (the next conv keeps it anyway);
+    without a residual nothing (the kept ``y`` gives the activation's input: a unit
+    followed by a pooling keeps nothing the pooling does not need)."""
+    return out if act == "relu" and residual is not None else None
 
 
 class _BNAct(torch.autograd.Function):
     """``act(bn(y) (+ residual))`` with the batch statistics of ``y`` in ``state`` (which
-    carry no gradient: the backward is the whole of ``nn.BatchNorm2d``'s).
+    carry no gradient: the backward is the whole of ``nn.BatchNorm2d``'s): a pending
+    BN that is used other than by the next unit's conv (:meth:`PendingBN.materialize`).
 
-    Saved: ``y`` (the unit's conv output, which nothing else keeps) and, with a
-    residual, for ReLU the output (its backward reads it, as ``torch.relu``'s
-    does; the next conv keeps it anyway), for SiLU the residual (to recompute
-    its input); without one, ``y`` gives the activation's input (a unit followed
-    by a pooling keeps nothing the pooling does not need).
+    Saved: ``y``, and the output (:func:`_saved_output`) or, for SiLU, the
+    residual (to recompute its input).
     """
 
     @staticmethod
     def forward(ctx, y, weight, bias, residual, state, backend):
-        out = ops.bn_act(y, state.scale, state.shift, residual, state.activation, backend=backend)
         act = state.activation
-        ctx.save_for_backward(y, weight, residual if act == "silu" else None,
-                              out if act == "relu" and residual is not None else None)
+        out = _bn_act(y, state, residual, act, backend)
+        ctx.save_for_backward(y, weight, residual if act == "silu" else None, _saved_output(out, act, residual))
         ctx.state, ctx.backend, ctx.has_residual = state, backend, residual is not None
         return out
 
@@ -284,50 +324,84 @@ class _BNAct(torch.autograd.Function):
         return grad_y, grad_w, grad_b, grad_res, None, None
 
 
-class _ConvBNActRecompute(torch.autograd.Function):
-    """A block's last training unit, ``act(bn(conv2d(a, weight, bias)) + residual)``, that
-    keeps no full-size tensor of its own: ``training_memory="min"``.
+class _BNReLUMaxPool(torch.autograd.Function):
+    """``max_pool2d(relu(bn(y)))`` of a pending BN with ReLU (a ResNet stem in training):
+    the pooling's output, differentiable in ``y`` and the BN's weight and bias.
 
-    ``a`` and the batch statistics are as in :class:`_ConvBatchStats`. Saved:
-    ``src`` (the previous unit's ``y`` or the input, kept anyway), the
-    per-channel statistics and, with a residual, for ReLU the output itself
-    (the next conv keeps it anyway), for SiLU the residual (identity needs
-    neither). The backward recomputes ``a`` and the conv (bit-identical: the
-    same ops on the same values), then runs the BN and conv backwards. The
-    running statistics are updated in the forward, before anything is saved:
+    Every pooled value is the ReLU output at its index (a window's maximum; the
+    padding is -inf), so the ReLU's backward runs on the pooled gradient and
+    output, before the pooling's backward scatters it: the mask ``out > 0`` is
+    ``torch.relu``'s at each index, a quarter of the pass over the full-size
+    activation that the unit's own backward would recompute. Saved: ``y``, the
+    indices and the output (which the next conv keeps anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, a, state, backend, kernel_size, stride, padding, dilation, ceil_mode):
+        if a is None:
+            a = _apply(y, state, backend)
+        out, indices = torch.ops.aten.max_pool2d_with_indices(a, kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(y, weight, out, indices)
+        ctx.state, ctx.args = state, (kernel_size, stride, padding, dilation, ceil_mode)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight, out, indices = ctx.saved_tensors
+        masked = torch.ops.aten.threshold_backward(grad, out, 0)
+        # the pooling input's shape and layout are y's (never read)
+        gz = torch.ops.aten.max_pool2d_with_indices_backward(masked, y, *ctx.args, indices)
+        del masked
+        return _bn_backward(gz, y, ctx.state, weight, ctx.needs_input_grad[:3]) + (None,) * 8
+
+
+def relu_max_pool(x: PendingBN, backend: Optional[str], kernel_size, stride, padding, dilation, ceil_mode) -> Tensor:
+    """``max_pool2d`` of a pending BN with ReLU (:class:`_BNReLUMaxPool`)."""
+    return _BNReLUMaxPool.apply(x.y, x.weight, x.bias, x.take_activation(), x.state, backend, kernel_size, stride,
+                                padding, dilation, ceil_mode)
+
+
+class _ConvBNAct(torch.autograd.Function):
+    """A training unit whose output is not deferred, ``act(bn(conv2d(input, weight, bias)) (+ residual))``,
+    with the conv's input as in :class:`_ConvBNActDeferred`.
+
+    Saved: ``src`` (the previous unit's ``y`` or the input, kept anyway), the
+    per-channel statistics, the output (:func:`_saved_output`) or, for SiLU, the
+    residual; and the conv output ``y`` unless ``keep_y`` is False
+    (``training_memory="min"``): the backward then recomputes the conv input and
+    the conv (bit-identical: the same ops on the same values) before the BN and
+    conv backwards, and the unit keeps no full-size tensor of its own. The running
+    statistics are updated in the forward, before anything is saved:
     torch.utils.checkpoint's recomputation stops once the last tensor of the
     region is saved again, and this unit may save it (torchvision's BN updates
     its statistics before its ReLU saves).
     """
 
     @staticmethod
-    def forward(ctx, src, weight_p, bias_p, weight, bias, bn_weight, bn_bias, residual, prev, conv_args, act,
-                backend, low, bn, n):
-        _, y, var, mean = _conv_stats(src, prev, weight, bias, conv_args, backend, low, bn, n)
-        state = _state(var, mean, bn_weight, bn_bias, bn.eps, act)
-        out = ops.bn_act(y, state.scale, state.shift, residual, act, backend=backend)
-        # act'(z) needs z = bn(y) + residual: from the output for ReLU, from the residual for
-        # SiLU; without a residual the recomputed y gives it.
-        with_residual = residual is not None
-        ctx.save_for_backward(src, weight_p, weight, bias, bn_weight, residual if act == "silu" else None,
-                              out if act == "relu" and with_residual else None)
+    def forward(ctx, src, weight_p, bias_p, weight, bias, bn_weight, bn_bias, residual, a_prev, prev, conv_args, act,
+                backend, low, bn, n, keep_y):
+        y = _conv_output(src, a_prev, prev, weight, bias, conv_args, backend, low)
+        out, state = _bn_forward(y, bn_weight, bn_bias, bn, residual, act, backend, n)
+        ctx.save_for_backward(src, weight_p, weight, bias, bn_weight, y if keep_y else None,
+                              residual if act == "silu" else None, _saved_output(out, act, residual))
         _save_conv(ctx, prev, conv_args, backend, low, bias)
-        ctx.state, ctx.has_residual = state, with_residual
+        ctx.state, ctx.has_residual = state, residual is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        src, weight_p, weight, bias, bn_weight, residual, out = ctx.saved_tensors
+        src, weight_p, weight, bias, bn_weight, y, residual, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        # The forward's a and y again (the same ops on the same values).
-        a = _apply(src, ctx.prev, ctx.backend)
-        y = F.conv2d(a, cast(weight, ctx.low), cast(bias, ctx.low), *ctx.conv_args)
+        a = None
+        if y is None:  # the forward's conv input and output again
+            a = _apply(src, ctx.prev, ctx.backend)
+            y = F.conv2d(a, cast(weight, ctx.low), cast(bias, ctx.low), *ctx.conv_args)
         gz = _act_backward(grad_out, y, ctx.state, residual, out, ctx.backend)
         dy, grad_bn_w, grad_bn_b = _bn_backward(gz, y, ctx.state, bn_weight, (True, need[5], need[6]))
         grad_res = gz if ctx.has_residual and need[7] else None
         del y, gz
         return _conv_backward(ctx, dy, src, weight_p, weight, a, need[:5]) + (grad_bn_w, grad_bn_b, grad_res) + (
-            None,) * 7
+            None,) * 9
 
 
 def train_unit(
@@ -346,22 +420,17 @@ def train_unit(
         out = reference.activation(z if residual is None else z + residual, fused_act)
         return out if after is None else after(out)
     if isinstance(x, PendingBN):
-        src, prev, weight_p, bias_p = x.y, x.state, x.weight, x.bias
+        src, prev, weight_p, bias_p, a_prev = x.y, x.state, x.weight, x.bias, x.take_activation()
     else:
-        src, prev, weight_p, bias_p = cast(x, low), None, None, None
-    deferred = defer and residual is None and after is None
+        src, prev, weight_p, bias_p, a_prev = cast(x, low), None, None, None, None
     n = _values_per_channel(src, weight, conv_args)
-    if memory == "min" and not deferred:
-        residual = cast(residual, src.dtype if low is not None else None)
-        out = _ConvBNActRecompute.apply(src, weight_p, bias_p, weight, bias, bn.weight, bn.bias, residual, prev,
-                                        conv_args, fused_act, backend, low, bn, n)
-        return out if after is None else after(out)
-    y, var, mean = _ConvBatchStats.apply(src, weight_p, bias_p, weight, bias, prev, conv_args, backend, low, bn, n)
-    state = _state(var, mean, bn.weight, bn.bias, bn.eps, fused_act)
-    if deferred:
-        return PendingBN(y, state, bn.weight, bn.bias)
-    residual = cast(residual, y.dtype if low is not None else None)
-    out = _BNAct.apply(y, bn.weight, bn.bias, residual, state, backend)
+    if defer and residual is None and after is None:
+        y, a, state = _ConvBNActDeferred.apply(src, weight_p, bias_p, weight, bias, bn.weight, bn.bias, a_prev, prev,
+                                            conv_args, fused_act, backend, low, bn, n)
+        return PendingBN(y, a, state, bn.weight, bn.bias)
+    residual = cast(residual, src.dtype if low is not None else None)
+    out = _ConvBNAct.apply(src, weight_p, bias_p, weight, bias, bn.weight, bn.bias, residual, a_prev, prev, conv_args,
+                           fused_act, backend, low, bn, n, memory != "min")
     return out if after is None else after(out)
 
 
