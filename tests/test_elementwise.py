@@ -247,10 +247,14 @@ def test_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("act", ["relu", "identity"])
-def test_cpu_bn_act_residual_is_the_reference_bit_for_bit(dtype, fmt, act):
-    """fastres._cpu_bn.bn_act_residual (the CPU bf16/fp16 residual epilogue) rounds as the reference."""
+@pytest.mark.parametrize("block", [None, 16], ids=["one-block", "blocks"])
+def test_cpu_bn_act_residual_is_the_reference_bit_for_bit(dtype, fmt, act, block, monkeypatch):
+    """fastres._cpu_bn.bn_act_residual (the CPU bf16/fp16 residual epilogue) rounds as the reference,
+    in one block of rows or in several with a partial last one."""
     from fastres import _cpu_bn
 
+    if block is not None:
+        monkeypatch.setattr(_cpu_bn, "_BLOCK", block)
     torch.manual_seed(0)
     x, r = ((torch.randn(2, 5, 7, 9) * 3).to(dtype).contiguous(memory_format=fmt) for _ in range(2))
     x[0, 1, 2, 3] = float("nan")
