@@ -222,6 +222,7 @@ def evaluate_targets(result: dict) -> List[dict]:
             "CPU: ResNet-50 eval, batch 8, fastres vs torchvision channels_last + fx fuse", ">= 1.00x", CPU_GOAL, fast,
             _find(models, arch="resnet50", batch=8, provider="tv-fx-fuse", dtype="float32"), 1.0))
         out += _cpu_prepared_targets(models, host)
+        out += _cpu_train_targets([r for r in rows if r.get("suite") == "train"])
     isolation = _isolation_target(rows)
     if isolation:
         out.append(isolation)
@@ -296,6 +297,22 @@ def _cpu_prepared_targets(models: List[dict], host: List[dict]) -> List[dict]:
                 f"CPU: ResNet-50 eval float32 NCHW batch {batch}, fastres vs torchvision NCHW eager", ">= 1.00x",
                 CPU_GOAL, fast, _find(models, arch="resnet50", batch=batch, provider="tv-eager", dtype="float32",
                                       layout="nchw"), 1.0))
+    return out
+
+
+def _cpu_train_targets(train: List[dict]) -> List[dict]:
+    """The CPU training targets: each fastres training-step row (either memory mode) at least as
+    fast as torchvision eager in the same model, batch, dtype and layout (the rows measured only)."""
+    out = []
+    for fast in train:
+        if not str(fast["provider"]).startswith("fastres-"):
+            continue
+        mode = 'training_memory="min"' if fast["provider"].endswith("-min") else "default memory mode"
+        out.append(_ratio_target(
+            f"CPU: train step {fast['arch']} batch {fast['batch']} {fast['dtype']} {fast['layout']}, fastres "
+            f"({mode}) vs torchvision eager", ">= 1.00x", CPU_GOAL, fast,
+            _find(train, arch=fast["arch"], batch=fast["batch"], provider="tv-eager", dtype=fast["dtype"],
+                  layout=fast["layout"]), 1.0))
     return out
 
 

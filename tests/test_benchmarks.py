@@ -311,6 +311,24 @@ def test_cpu_targets():
     assert [t["status"] for t in empty] == ["not measured", "not measured"]
 
 
+def test_cpu_train_targets_per_fastres_row():
+    rows = [_model_row(p, ips, arch="resnet18", suite="train", dtype=dt)
+            for p, ips, dt in (("tv-eager", 20.0, "float32"), ("fastres-torch", 20.5, "float32"),
+                               ("fastres-torch-min", 18.0, "float32"), ("tv-eager", 30.0, "bfloat16"),
+                               ("fastres-torch", 29.0, "bfloat16"))]
+    rows.append(_model_row("tv-eager", 10.0, arch="resnet18", suite="train", layout="nchw"))  # no fastres row
+    targets = [t for t in report.evaluate_targets({"rows": rows, "environment": {"device_type": "cpu"}})
+               if t["name"].startswith("CPU: train step")]
+    assert {t["name"]: t["status"] for t in targets} == {
+        "CPU: train step resnet18 batch 8 float32 channels_last, fastres (default memory mode) vs torchvision eager":
+            "met",
+        'CPU: train step resnet18 batch 8 float32 channels_last, fastres (training_memory="min") vs torchvision '
+        "eager": "NOT met",
+        "CPU: train step resnet18 batch 8 bfloat16 channels_last, fastres (default memory mode) vs torchvision "
+        "eager": "NOT met",
+    }
+
+
 def test_gpu_goals_and_accuracy_scale_with_torchvision():
     rows = [_model_row("tv-eager", 1000.0, dtype="bfloat16", batch=128, err=8e-3),
             _model_row("fastres-triton", 1200.0, dtype="bfloat16", batch=128, err=1.5e-2),
