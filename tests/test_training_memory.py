@@ -179,12 +179,13 @@ def test_gradcheck_bn_act_batch_stats(backend, act, with_residual):
         _away_from_relu_kink(y, bn_b)
 
     def f(y_, bw, bb, *res):
-        return _train._BNAct.apply(y_, bw, bb, res[0] if res else None, _state(y_, bw, bb, act), backend)
+        return _train._BNAct.apply(y_, bw, bb, res[0] if res else None, _state(y_, bw, bb, act), backend, None)
 
     torch.manual_seed(0)
     assert torch.autograd.gradcheck(f, (y, bn_w, bn_b, *([r] if with_residual else [])), atol=1e-6)
     assert torch.autograd.gradcheck(
-        lambda y_: _train._BNAct.apply(y_, None, None, None, _state(y_, None, None, act), backend), (y,), atol=1e-6)
+        lambda y_: _train._BNAct.apply(y_, None, None, None, _state(y_, None, None, act), backend, None), (y,),
+        atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
@@ -411,3 +412,25 @@ def test_deferred_unit_meets_frozen_bn_and_hooks(mode):
         assert _rel(q.grad, p.grad) < 1e-9, name
     for (name, b), c in zip(tv.named_buffers(), fr.buffers()):
         assert _rel(c.double(), b.double()) < 1e-9 if b.is_floating_point() else torch.equal(b, c), name
+
+
+def test_stem_without_pooling_materializes_its_carried_activation(monkeypatch):
+    """A ResNet whose maxpool is replaced (nn.Identity, as for small images) trains as
+    torchvision's; the stem's pending BN becomes a tensor from the activation it carries, not
+    a second BN-activation pass."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).double().train()
+    tv.maxpool = nn.Identity()
+    fr = fastres.convert(copy.deepcopy(tv), warn=False)
+    assert isinstance(fr.maxpool, nn.Identity)
+    passes = []
+    bn_act = _train._bn_act
+    monkeypatch.setattr(_train, "_bn_act", lambda *args: passes.append(1) or bn_act(*args))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    out, expected = fr(x), tv(x)
+    assert len(passes) == sum(isinstance(m, nn.Conv2d) for m in fr.modules())  # one per unit
+    assert _rel(out, expected) < 1e-9
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(fr.named_parameters(), tv.parameters()):
+        assert _rel(p.grad, q.grad) < 1e-9, name

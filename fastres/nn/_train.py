@@ -79,7 +79,7 @@ class PendingBN:
         return a
 
     def materialize(self, backend: Optional[str]) -> Tensor:
-        return _BNAct.apply(self.y, self.weight, self.bias, None, self.state, backend)
+        return _BNAct.apply(self.y, self.weight, self.bias, None, self.state, backend, self.take_activation())
 
 
 def materialize(x, backend: Optional[str]) -> Tensor:
@@ -300,16 +300,17 @@ def _saved_output(out: Tensor, act: str, residual: Optional[Tensor]) -> Optional
 class _BNAct(torch.autograd.Function):
     """``act(bn(y) (+ residual))`` with the batch statistics of ``y`` in ``state`` (which
     carry no gradient: the backward is the whole of ``nn.BatchNorm2d``'s): a pending
-    BN that is used other than by the next unit's conv (:meth:`PendingBN.materialize`).
+    BN that is used other than by the next unit's conv (:meth:`PendingBN.materialize`),
+    whose activation ``a``, where the unit still holds it, is the output.
 
     Saved: ``y``, and the output (:func:`_saved_output`) or, for SiLU, the
     residual (to recompute its input).
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, residual, state, backend):
+    def forward(ctx, y, weight, bias, residual, state, backend, a):
         act = state.activation
-        out = _bn_act(y, state, residual, act, backend)
+        out = a if a is not None and residual is None else _bn_act(y, state, residual, act, backend)
         ctx.save_for_backward(y, weight, residual if act == "silu" else None, _saved_output(out, act, residual))
         ctx.state, ctx.backend, ctx.has_residual = state, backend, residual is not None
         return out
@@ -321,7 +322,7 @@ class _BNAct(torch.autograd.Function):
         gz = _act_backward(grad_out, y, ctx.state, residual, out, ctx.backend)
         grad_y, grad_w, grad_b = _bn_backward(gz, y, ctx.state, weight, need[:3])
         grad_res = gz if ctx.has_residual and need[3] else None
-        return grad_y, grad_w, grad_b, grad_res, None, None
+        return grad_y, grad_w, grad_b, grad_res, None, None, None
 
 
 class _BNReLUMaxPool(torch.autograd.Function):
