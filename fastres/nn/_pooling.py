@@ -1,4 +1,5 @@
-"""Max pooling in training that keeps only its indices for backward."""
+"""Max pooling in training: keeping only its indices for backward, or after the ResNet stem's pending
+BN-ReLU with the ReLU's backward on its output (``fastres.nn._train.relu_max_pool``)."""
 from __future__ import annotations
 
 from typing import Optional
