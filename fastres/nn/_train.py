@@ -5,11 +5,12 @@ fp32 with the running-statistics update in one call of BatchNorm's own
 statistics kernel (:func:`_batch_stats`); and one ``fastres.ops.bn_act`` for
 normalize + residual + activation with ``scale = weight * invstd`` and
 ``shift = bias - mean * scale``, as ATen's BatchNorm computes them (on the CPU
-the BatchNorm kernels that op runs there, called directly: :func:`_bn_act`). The backward is ``nn.BatchNorm2d``'s: the activation's
-backward, then one ``native_batch_norm_backward`` in training mode from the kept
-conv output ``y`` and the saved mean and invstd (the gradients of ``y``, the BN
-weight and bias, the batch statistics' own share included). Running statistics
-and gradients are ``nn.BatchNorm2d``'s.
+the BatchNorm kernels that op runs there, called directly: :func:`_bn_act`). The
+backward is ``nn.BatchNorm2d``'s: the activation's backward, then one
+``native_batch_norm_backward`` in training mode from the kept conv output ``y``
+and the saved mean and invstd (the gradients of ``y``, the BN weight and bias,
+the batch statistics' own share included). Running statistics and gradients are
+``nn.BatchNorm2d``'s.
 
 Each unit is one autograd function. Memory: a unit whose output only feeds the
 next unit's conv (``defer=True``, :class:`_ConvBNActDeferred`) returns a
@@ -174,12 +175,14 @@ def _batch_stats(t: Tensor, bn: _BatchNorm, n: int) -> Tuple[Tensor, Tensor]:
     return var, mean
 
 
-def _conv_output(src, a, prev: Optional[BatchNormState], weight, bias, conv_args, backend, low) -> Tensor:
-    """The unit's conv output: of ``a``, the previous unit's activation if it came with
-    ``src``, else of ``src`` with the previous unit's BN applied."""
+def _conv_in_out(src, a, prev: Optional[BatchNormState], weight, bias, conv_args, backend,
+                 low) -> Tuple[Tensor, Tensor]:
+    """``(input, output)`` of the unit's conv: the input is ``a``, the previous unit's
+    activation if it came with ``src``, else ``src`` with the previous unit's BN applied (a
+    backward that recomputes them runs these same ops)."""
     if a is None:
         a = _apply(src, prev, backend)
-    return F.conv2d(a, cast(weight, low), cast(bias, low), *conv_args)
+    return a, F.conv2d(a, cast(weight, low), cast(bias, low), *conv_args)
 
 
 def _save_conv(ctx, prev, conv_args, backend, low, bias) -> None:
@@ -187,6 +190,8 @@ def _save_conv(ctx, prev, conv_args, backend, low, bias) -> None:
     ctx.prev, ctx.conv_args, ctx.backend, ctx.low = prev, conv_args, backend, low
     ctx.bias_sizes = None if bias is None else list(bias.shape)
     ctx.bias_dtype = None if bias is None else bias.dtype
+
+
 def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
     """Gradients ``(src, weight_p, bias_p, weight, bias)`` of ``conv2d(a, weight, bias)``
     with ``a = src`` or ``a = act(bn(src))`` (``ctx.prev``: the BN with the batch
@@ -260,7 +265,7 @@ class _ConvBNActDeferred(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src, weight_p, bias_p, weight, bias, bn_weight, bn_bias, a_prev, prev, conv_args, act, backend,
                 low, bn, n):
-        y = _conv_output(src, a_prev, prev, weight, bias, conv_args, backend, low)
+        _, y = _conv_in_out(src, a_prev, prev, weight, bias, conv_args, backend, low)
         a, state = _bn_forward(y, bn_weight, bn_bias, bn, None, act, backend, n)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(a)
@@ -381,7 +386,7 @@ class _ConvBNAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src, weight_p, bias_p, weight, bias, bn_weight, bn_bias, residual, a_prev, prev, conv_args, act,
                 backend, low, bn, n, keep_y):
-        y = _conv_output(src, a_prev, prev, weight, bias, conv_args, backend, low)
+        _, y = _conv_in_out(src, a_prev, prev, weight, bias, conv_args, backend, low)
         out, state = _bn_forward(y, bn_weight, bn_bias, bn, residual, act, backend, n)
         ctx.save_for_backward(src, weight_p, weight, bias, bn_weight, y if keep_y else None,
                               residual if act == "silu" else None, _saved_output(out, act, residual))
@@ -395,8 +400,7 @@ class _ConvBNAct(torch.autograd.Function):
         need = ctx.needs_input_grad
         a = None
         if y is None:  # the forward's conv input and output again
-            a = _apply(src, ctx.prev, ctx.backend)
-            y = F.conv2d(a, cast(weight, ctx.low), cast(bias, ctx.low), *ctx.conv_args)
+            a, y = _conv_in_out(src, None, ctx.prev, weight, bias, ctx.conv_args, ctx.backend, ctx.low)
         gz = _act_backward(grad_out, y, ctx.state, residual, out, ctx.backend)
         dy, grad_bn_w, grad_bn_b = _bn_backward(gz, y, ctx.state, bn_weight, (True, need[5], need[6]))
         grad_res = gz if ctx.has_residual and need[7] else None
