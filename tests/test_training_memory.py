@@ -8,6 +8,7 @@
 * the bytes saved for backward (a count, ``benchmarks.saved``) against torchvision's;
 * torch.utils.checkpoint and timm's gradient checkpointing on converted models.
 """
+import contextlib
 import copy
 
 import pytest
@@ -434,3 +435,21 @@ def test_stem_without_pooling_materializes_its_carried_activation(monkeypatch):
     expected.square().sum().backward()
     for (name, p), q in zip(fr.named_parameters(), tv.parameters()):
         assert _rel(p.grad, q.grad) < 1e-9, name
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_train_forward_in_every_grad_mode_matches_torchvision(mode):
+    """A training-mode forward (the stem's pending BN into the pooling included) gives torchvision's
+    output and running statistics with autograd on, under no_grad (BN recalibration, as
+    torch.optim.swa_utils.update_bn runs it) and under inference_mode."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).double().train()
+    fr = fastres.convert(copy.deepcopy(tv), warn=False)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ctx = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with ctx():
+        out, expected = fr(x), tv(x)
+    assert out.requires_grad == (mode == "grad")
+    assert _rel(out, expected) < 1e-9
+    for (name, b), c in zip(fr.named_buffers(), tv.buffers()):
+        assert torch.allclose(b, c, rtol=1e-9, atol=1e-12), name
