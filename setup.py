@@ -46,7 +46,7 @@ still succeeds, says why, and leaves those sources and the op's schema out, so
 ``fastres.backends.implemented_backends("conv_bn_act")`` has no ``"cuda"``.
 
 Layout of ``csrc/`` the build relies on: ``csrc/bindings.cpp`` declares every
-schema; ``csrc/cuda/`` holds CUDA-only sources (``.cu``, and ``.cpp`` host code
+schema; ``csrc/cpu/`` holds CPU kernels, built in both extensions; ``csrc/cuda/`` holds CUDA-only sources (``.cu``, and ``.cpp`` host code
 that needs CUDA), compiled only in the CUDA build; ``csrc/cuda/conv_*`` need
 CUTLASS too. New sources are picked up by glob; new include directories go in
 ``cuda_include_dirs``.
@@ -293,7 +293,10 @@ def get_extension():
     # No -std flag: BuildExtension adds the standard this torch's headers need
     # (c++17 for older torch; c++20 for recent torch, whose c10 headers use
     # operator<=>). The fastres sources themselves need only C++17.
-    cxx_flags = [*opt]
+    # -fopenmp: the CPU kernels (csrc/cpu/) run at::parallel_for, whose OpenMP
+    # region is compiled into them; libgomp.so.1 resolves to the one torch loaded.
+    # -ffp-contract=off: their fp32 math rounds each operation, as the reference.
+    cxx_flags = [*opt, "-fopenmp", "-ffp-contract=off"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, CSRC)]
     if WITH_CUDA:
@@ -327,6 +330,7 @@ def get_extension():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
             py_limited_api=py_limited is not None,
         ),
         py_limited,

@@ -2,9 +2,10 @@
 //
 // The schemas are declared here, once, for every build; the kernels register
 // themselves next to their code (csrc/cuda/elementwise.cu:
-// TORCH_LIBRARY_IMPL(fastres, CUDA, m)). A C++-only build (no nvcc, CPU-only
-// torch or FASTRES_BUILD_CUDA=0; see setup.py) has the schemas and no kernels,
-// so calling an op reports that it has no kernel for the tensors' backend.
+// TORCH_LIBRARY_IMPL(fastres, CUDA, m); csrc/cpu/bn_act.cpp: ..., CPU, m). A
+// C++-only build (no nvcc, CPU-only torch or FASTRES_BUILD_CUDA=0; see setup.py)
+// has the schemas and the CPU kernels but no CUDA kernels, so calling a CUDA op
+// reports that it has no kernel for the tensors' backend.
 //
 // The Triton twins `<op>_triton` (fastres/triton/) are defined in Python with
 // identical signatures, and fastres/ops.py registers one fake kernel and one
@@ -79,6 +80,17 @@ TORCH_LIBRARY(fastres, m) {
   m.def(
       "bn_act_backward_cuda(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor? residual, "
       "str activation, bool residual_grad, bool output=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The CPU kernels of fastres._cpu_bn (csrc/cpu/bn_act.cpp, in every build):
+  // y = act(x * scale[c] + shift[c] (+ residual)) in one pass, the reference's
+  // roundings; and nn.BatchNorm2d's training backward after the activation's,
+  // (grad_x, grad_weight, grad_bias, gz if grad_z else an empty tensor), from the
+  // BN input x, the output `out` (ReLU's mask; recomputed from x if None) and the
+  // batch statistics (scale = weight * invstd, shift = bias - mean * scale).
+  m.def("_bn_act_cpu(Tensor x, Tensor scale, Tensor shift, Tensor? residual, str activation) -> Tensor");
+  m.def(
+      "_bn_act_train_backward_cpu(Tensor grad, Tensor x, Tensor? out, Tensor scale, Tensor shift, Tensor mean, "
+      "Tensor invstd, str activation, bool grad_z) -> (Tensor, Tensor, Tensor, Tensor)");
 
 #ifdef FASTRES_WITH_CUTLASS
   // y = act(conv2d(x, weight, stride, padding, dilation, groups) * scale[k] + shift[k] (+ residual)):

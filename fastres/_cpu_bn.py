@@ -1,26 +1,32 @@
-"""``bn_act`` and its backward on the CPU through BatchNorm's own CPU kernels.
+"""``bn_act`` and its backward on the CPU: fastres's CPU kernels, else BatchNorm's own.
 
 The ``"torch"`` backend of :func:`fastres.ops.bn_act` is the reference
 (``fastres/reference.py``): a chain of elementwise PyTorch ops, each a full pass
 over the tensor, and its backward a dozen more. On the CPU, where training runs
-them once per conv, ATen's BatchNorm kernels do the same math in one
-vectorized pass each (channels_last or NCHW, with fp32 accumulation for
-bf16/fp16): ``x * scale[c] + shift[c]`` is an eval-mode ``torch.batch_norm``
-with ``weight=scale``, ``bias=shift``, ``running_mean=0``, ``running_var=1``
-and ``eps=0`` (so its ``weight / sqrt(var + eps)`` is ``scale`` exactly), and
-``(grad_z * scale[c], sum(grad_z * x), sum(grad_z))`` is that batch norm's
-``native_batch_norm_backward``.
+them once per conv, two faster routes give the reference's result:
 
-Used where the result is the reference's up to the order of fp32 roundings:
-fp32 and fp64 (with ``scale`` of ``x``'s dtype), and bf16/fp16 without a
-residual and with ReLU or identity (where ``grad_z`` is ``grad`` or zero, so
-the kernels round each output once from fp32, like the reference); a bf16
-residual add or SiLU would round an intermediate in bf16 there: a bf16/fp16
-residual with ReLU or identity runs as :func:`bn_act_residual` instead (the
-reference's fp32 roundings in fewer passes; its forward only), SiLU keeps the
-reference. NCHW or channels_last inputs only (for any other strides the
-reference's output keeps them), and not under tracing: graphs keep the
-reference's plain ops.
+* fastres's CPU kernels (``csrc/cpu/bn_act.cpp``, :func:`bn_act_native`): the
+  affine, the residual add and ReLU or identity in one pass, in the reference's
+  fp32 roundings (bit for bit), for fp32, fp64 and bf16 inputs
+  (:func:`native_reason`); and nn.BatchNorm2d's training backward fused with the
+  activation's (``fastres.nn._train``).
+* where they do not apply (fp16; SiLU; an extension that is not built), ATen's
+  BatchNorm kernels, one vectorized pass each (channels_last or NCHW, fp32
+  accumulation for bf16/fp16): ``x * scale[c] + shift[c]`` is an eval-mode
+  ``torch.batch_norm`` with ``weight=scale``, ``bias=shift``, ``running_mean=0``,
+  ``running_var=1`` and ``eps=0`` (so its ``weight / sqrt(var + eps)`` is
+  ``scale`` exactly), and ``(grad_z * scale[c], sum(grad_z * x), sum(grad_z))``
+  is that batch norm's ``native_batch_norm_backward``. They give the reference's
+  result up to the order of fp32 roundings for fp32 and fp64 (with ``scale`` of
+  ``x``'s dtype), and for bf16/fp16 without a residual and with ReLU or identity
+  (where ``grad_z`` is ``grad`` or zero, so the kernels round each output once
+  from fp32, like the reference); a bf16/fp16 residual add or SiLU would round an
+  intermediate there: a residual with ReLU or identity runs as
+  :func:`bn_act_residual` instead (the reference's fp32 roundings in fewer passes;
+  its forward only), SiLU keeps the reference.
+
+NCHW or channels_last inputs only (for any other strides the reference's output
+keeps them), and not under tracing: graphs keep the reference's plain ops.
 """
 from __future__ import annotations
 
@@ -29,9 +35,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastres import _extension
 from fastres._tracing import is_tracing
 
 _LOW = (torch.bfloat16, torch.float16)
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+NATIVE = _extension.has_cpu_kernels()
 
 
 def _cpu_dense_reason(x: Tensor) -> Optional[str]:
@@ -45,9 +54,54 @@ def _cpu_dense_reason(x: Tensor) -> Optional[str]:
     return None
 
 
-def unsupported_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor], act: str) -> Optional[str]:
-    """Why :func:`bn_act` and :func:`bn_act_backward` (with a ``scale`` of ``scale_dtype``) do not
+def native_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor], act: str) -> Optional[str]:
+    """Why fastres's CPU kernels (:func:`bn_act_native`, the fused training backward) do not
     stand for the reference here, or None."""
+    reason = _cpu_dense_reason(x)
+    if reason is not None:
+        return reason
+    if not NATIVE:
+        return f"fastres's CPU kernels are not loaded ({_extension.LOAD_ERROR or 'an extension without them'})"
+    if x.dtype not in _NATIVE_DTYPES:
+        return "float32, float64 or bfloat16 x only"
+    if scale_dtype != (torch.float64 if x.dtype == torch.float64 else torch.float32):
+        return "a scale of the compute dtype only"
+    if act not in ("relu", "identity"):
+        return "ReLU or identity only"
+    if residual is not None and (residual.dtype != x.dtype or residual.stride() != x.stride()):
+        return "a residual of x's dtype and strides only"
+    return None
+
+
+def bn_act_native(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
+    """:func:`fastres.reference.bn_act` in one pass (``csrc/cpu/bn_act.cpp``)."""
+    return torch.ops.fastres._bn_act_cpu(x, scale, shift, residual, act)
+
+
+def bn_act_train_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], scale: Tensor, shift: Tensor,
+                          mean: Tensor, invstd: Tensor, act: str,
+                          grad_z: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias, gz)``: ReLU's or identity's backward (ReLU's mask from
+    ``out``, else recomputed from ``x``) and ``nn.BatchNorm2d``'s training backward with the batch
+    statistics ``mean``, ``invstd`` and ``scale = weight * invstd``, ``shift = bias - mean *
+    scale``, in two passes (``csrc/cpu/bn_act.cpp``; ``gz`` empty unless ``grad_z``)."""
+    return torch.ops.fastres._bn_act_train_backward_cpu(grad, x, out, scale, shift, mean, invstd, act, grad_z)
+
+
+if NATIVE:
+    @torch.library.register_fake("fastres::_bn_act_cpu")
+    def _bn_act_fake(x, scale, shift, residual, activation):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("fastres::_bn_act_train_backward_cpu")
+    def _train_backward_fake(grad, x, out, scale, shift, mean, invstd, activation, grad_z):
+        return (torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale),
+                torch.empty_like(x) if grad_z else x.new_empty(0))
+
+
+def unsupported_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor], act: str) -> Optional[str]:
+    """Why :func:`bn_act` and :func:`bn_act_backward` (ATen's BatchNorm kernels, with a ``scale``
+    of ``scale_dtype``) do not stand for the reference here, or None."""
     reason = _cpu_dense_reason(x)
     if reason is not None:
         return reason

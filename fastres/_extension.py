@@ -29,6 +29,11 @@ def has_cuda_kernels() -> bool:
     return LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("fastres::add_act_cuda", "CUDA")
 
 
+def has_cpu_kernels() -> bool:
+    """True when the extension's CPU kernels (``csrc/cpu/``, in every build) are registered."""
+    return LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("fastres::_bn_act_cpu", "CPU")
+
+
 def cuda_arch_list() -> Optional[List[str]]:
     """The architectures the CUDA kernels were compiled for, or None without them."""
     if not has_cuda_kernels():

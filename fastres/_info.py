@@ -26,6 +26,7 @@ def info() -> Dict[str, Any]:
         "triton_interpret": _triton_env.interpret(),
         "cuda_ext": _extension.LOADED,
         "cuda_ext_error": _extension.LOAD_ERROR,
+        "cpu_kernels": _extension.has_cpu_kernels(),
         "cuda_kernels": _extension.has_cuda_kernels(),
         "cuda_arch_list": _extension.cuda_arch_list(),
         "cuda_conv_kernels": _extension.cuda_conv_kernels(),

@@ -131,7 +131,7 @@ def test_conv_bn_act_torch_backend_matches_modules(fmt, conv):
 
 def test_info_contract():
     d = fastres.info()
-    for key in ("version", "torch", "triton", "cuda_ext", "cuda_kernels", "cuda_arch_list", "backends", "device"):
+    for key in ("version", "torch", "triton", "cuda_ext", "cpu_kernels", "cuda_kernels", "cuda_arch_list", "backends", "device"):
         assert key in d
     assert "torch" in d["backends"]
     assert d["version"] == fastres.__version__

@@ -1,7 +1,8 @@
 """The compiled extension fastres._C, checked without a GPU.
 
-It loads; it declares every op's schema (csrc/bindings.cpp); a CUDA build
-registers a CUDA kernel for each op and reports its architectures; the ops
+It loads; it declares every op's schema (csrc/bindings.cpp); every build has
+the CPU kernels (csrc/cpu/); a CUDA build registers a CUDA kernel for each CUDA
+op and reports its architectures; the CUDA ops
 reject CPU tensors through the dispatcher; and the C++ schemas equal those of
 the Triton twins, so both backends share one fake kernel and one autograd
 formula (fastres/ops.py). The kernels' numerics are tested on a GPU by
@@ -53,6 +54,14 @@ def test_extension_loads():
 @pytest.mark.parametrize("op", [*CUDA_OPS, "_cuda_arch_list"])
 def test_schema_defined(op):
     assert _defined(f"fastres::{op}"), f"csrc/bindings.cpp does not declare fastres::{op}"
+
+
+@needs_extension
+def test_cpu_kernels_in_every_build():
+    """csrc/cpu/ is compiled into the C++-only extension and the CUDA one alike."""
+    assert fastres.info()["cpu_kernels"] is True
+    for op in ("_bn_act_cpu", "_bn_act_train_backward_cpu"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastres::{op}", "CPU"), op
 
 
 @needs_cuda_kernels

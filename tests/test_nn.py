@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastres
-from fastres import ops
+from fastres import _cpu_bn, ops
 from fastres.nn import BasicBlock, Bottleneck, ConvBNAct, _train
 from conftest import DEVICE, kernel_backends
 
@@ -261,6 +261,8 @@ def test_block_train_step_matches(name, monkeypatch):
     x = torch.randn(2, fr.conv1.in_channels, 9, 10)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     count, units = Counter(monkeypatch), unit_counter(monkeypatch)
+    cpu = Counter(monkeypatch, _cpu_bn, {"native": "bn_act_native", "backward": "bn_act_train_backward",
+                                         "aten": "bn_act"})
     out, expected = fr(x1), tv(x2)
     assert_close(out, expected, 1e-5)
     n_convs = 3 if isinstance(fr, Bottleneck) else 2
@@ -275,7 +277,9 @@ def test_block_train_step_matches(name, monkeypatch):
         assert_close(b.double(), c.double(), 1e-6, name)
     # the backward recomputes each deferred activation (all but the last conv's) once
     assert units.calls == {"forward": n_units, "applied": n_units + n_convs - 1}
-    assert count.calls == {"conv_bn_act": 0, "bn_act": 0}  # BatchNorm's CPU kernels, called directly
+    assert count.calls == {"conv_bn_act": 0, "bn_act": 0}  # the CPU kernels, called directly
+    if _cpu_bn.NATIVE:  # fastres's, forward and backward, ATen's BatchNorm kernels not at all
+        assert cpu.calls == {"native": n_units + n_convs - 1, "backward": n_units, "aten": 0}
 
 
 @pytest.mark.parametrize("activation", ["silu", "identity"])

@@ -19,7 +19,7 @@ from torch import nn
 
 import fastres
 from benchmarks.saved import saved_bytes
-from fastres import ops, reference
+from fastres import _cpu_bn, ops, reference
 from fastres.nn import _train
 from conftest import ACTIVATIONS, DEVICE, DTYPES, FORMATS, TOL, all_backends, kernel_backends
 
@@ -124,10 +124,28 @@ def _leaf(*shape):
     return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
 
-def _state(y, weight, bias, act):
-    """The batch statistics a training unit computes for ``y`` (no gradient, no running stats)."""
+@pytest.fixture(params=["fastres-cpu", "aten"])
+def cpu_kernels(request, monkeypatch):
+    """The CPU kernels of the "torch" backend's training units: fastres's (csrc/cpu/), or ATen's
+    BatchNorm kernels, as without them."""
+    if request.param == "aten":
+        monkeypatch.setattr(_cpu_bn, "NATIVE", False)
+    elif not _cpu_bn.NATIVE:
+        pytest.skip("fastres._C's CPU kernels are not loaded")
+    return request.param
+
+
+def _only_torch_sees(backend, cpu_kernels):
+    if backend != "torch" and cpu_kernels != "fastres-cpu":
+        pytest.skip("the CPU kernels serve the torch backend only")
+
+
+def _state(y, weight, bias, act, backend):
+    """The batch statistics a training unit computes for ``y`` (no gradient, no running stats),
+    with the kernels it would choose for them."""
     var, mean = _train._batch_stats(y.detach(), nn.BatchNorm2d(y.shape[1], track_running_stats=False), 0)
-    return _train._state(mean, torch.rsqrt(var + 1e-5), weight, bias, 1e-5, act, False)
+    return _train._state(mean, torch.rsqrt(var + 1e-5), weight, bias, 1e-5, act,
+                         _train._kernels(y, None, act, backend))
 
 
 def _away_from_relu_kink(y, bias):
@@ -145,10 +163,11 @@ def _stats_bn(c):
 
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("act_prev", ACTIVATIONS)
-def test_gradcheck_conv_batch_stats(backend, act_prev):
+def test_gradcheck_conv_batch_stats(backend, act_prev, cpu_kernels):
     """y = conv(act(bn(src))) with bn's batch statistics of src (and y = conv(src)), with a conv
     bias: the gradients of src, the BN weight and bias, the conv weight and bias; the unit's own
     activation and statistics carry none."""
+    _only_torch_sees(backend, cpu_kernels)
     src, w, b = _leaf(2, 3, 4, 5), _leaf(4, 3, 3, 3), _leaf(4)
     bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
     if act_prev == "relu":
@@ -160,7 +179,7 @@ def test_gradcheck_conv_batch_stats(backend, act_prev):
                                             None, _stats_bn(4), 40)
 
     def f(s, bw, bb, w_, b_):
-        y, a, state = unit(s, bw, bb, w_, b_, _state(s, bw, bb, act_prev))
+        y, a, state = unit(s, bw, bb, w_, b_, _state(s, bw, bb, act_prev, backend))
         assert not a.requires_grad and not any(t.requires_grad for t in state[:4])
         return y
 
@@ -172,28 +191,30 @@ def test_gradcheck_conv_batch_stats(backend, act_prev):
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_gradcheck_bn_act_batch_stats(backend, act, with_residual):
+def test_gradcheck_bn_act_batch_stats(backend, act, with_residual, cpu_kernels):
     """act(bn(y) (+ residual)) with bn's batch statistics of y: nn.BatchNorm2d's backward."""
+    _only_torch_sees(backend, cpu_kernels)
     y, r = _leaf(3, 4, 3, 5), _leaf(3, 4, 3, 5) if with_residual else None
     bn_w, bn_b = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(4)
     if act == "relu" and not with_residual:
         _away_from_relu_kink(y, bn_b)
 
     def f(y_, bw, bb, *res):
-        return _train._BNAct.apply(y_, bw, bb, res[0] if res else None, _state(y_, bw, bb, act), backend, None)
+        return _train._BNAct.apply(y_, bw, bb, res[0] if res else None, _state(y_, bw, bb, act, backend), backend, None)
 
     torch.manual_seed(0)
     assert torch.autograd.gradcheck(f, (y, bn_w, bn_b, *([r] if with_residual else [])), atol=1e-6)
     assert torch.autograd.gradcheck(
-        lambda y_: _train._BNAct.apply(y_, None, None, None, _state(y_, None, None, act), backend, None), (y,),
+        lambda y_: _train._BNAct.apply(y_, None, None, None, _state(y_, None, None, act, backend), backend, None), (y,),
         atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("pool", [(3, 2, 1, False), (2, 2, 0, True)], ids=["k3s2p1", "k2s2-ceil"])
-def test_gradcheck_bn_relu_max_pool(backend, pool):
+def test_gradcheck_bn_relu_max_pool(backend, pool, cpu_kernels):
     """max_pool2d(relu(bn(y))) of a pending BN, the ReLU's backward on the pooled output: the
     gradients of y and the BN's weight and bias; the output is max_pool2d's."""
+    _only_torch_sees(backend, cpu_kernels)
     k, st, p, ceil = pool
     y = _leaf(2, 3, 7, 9)
     bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
@@ -201,9 +222,9 @@ def test_gradcheck_bn_relu_max_pool(backend, pool):
     args = ((k, k), (st, st), (p, p), (1, 1), ceil)
 
     def f(y_, bw, bb):
-        return _train._BNReLUMaxPool.apply(y_, bw, bb, None, _state(y_, bw, bb, "relu"), backend, *args)
+        return _train._BNReLUMaxPool.apply(y_, bw, bb, None, _state(y_, bw, bb, "relu", backend), backend, *args)
 
-    state = _state(y, bn_w, bn_b, "relu")
+    state = _state(y, bn_w, bn_b, "relu", backend)
     expected = F.max_pool2d(torch.relu(y * state.scale.view(1, -1, 1, 1) + state.shift.view(1, -1, 1, 1)),
                             k, st, p, ceil_mode=ceil)
     torch.testing.assert_close(f(y, bn_w, bn_b), expected)
@@ -213,16 +234,17 @@ def test_gradcheck_bn_relu_max_pool(backend, pool):
 @pytest.mark.parametrize("backend", all_backends("bn_act"))
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("keep_y", [True, False], ids=["low", "min"])
-def test_gradcheck_conv_bn_act(backend, act, keep_y):
+def test_gradcheck_conv_bn_act(backend, act, keep_y, cpu_kernels):
     """A block's last unit, act(bn(conv(silu(bn(src)))) + residual), BN affine, keeping its conv
     output or (training_memory="min") recomputing it."""
+    _only_torch_sees(backend, cpu_kernels)
     src, w, r = _leaf(3, 2, 4, 4), _leaf(3, 2, 1, 1), _leaf(3, 3, 4, 4)
     bn_wp, bn_bp = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(2)
     bn_w, bn_b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), _leaf(3)
     conv_args = ((1, 1), (0, 0), (1, 1), 1)
 
     def f(s, bwp, bbp, w_, bw, bb, res):
-        prev = None if bwp is None else _state(s, bwp, bbp, "silu")
+        prev = None if bwp is None else _state(s, bwp, bbp, "silu", backend)
         bn = _stats_bn(3)
         bn.weight, bn.bias = None, None  # eps from the module; the parameters are the function's inputs
         return _train._ConvBNAct.apply(s, bwp, bbp, w_, None, bw, bb, res, None, prev, conv_args, act,
@@ -267,7 +289,7 @@ def _rel(a, b):
     ],
     ids=str,
 )
-def test_float64_gradients_and_running_stats_equal_torchvision(arch, mode, fmt, kwargs):
+def test_float64_gradients_and_running_stats_equal_torchvision(arch, mode, fmt, kwargs, cpu_kernels):
     fr, tv = _pair(arch, mode, fmt, **kwargs)
     for step in range(2):
         x = torch.randn(2, 3, 40, 40, dtype=torch.float64).contiguous(memory_format=FORMATS[fmt])

@@ -1,8 +1,9 @@
 """The ``"torch"`` backend: plain PyTorch on any device.
 
-``bn_act`` runs through BatchNorm's vectorized CPU kernels where they give the
-reference's result, and a bf16/fp16 residual epilogue in the reference's fp32
-roundings in fewer passes (``fastres._cpu_bn``), and under autograd as one function with
+``bn_act`` runs on the CPU through fastres's CPU kernels, else BatchNorm's
+vectorized CPU kernels where they give the reference's result, and a bf16/fp16
+residual epilogue in the reference's fp32 roundings in fewer passes
+(``fastres._cpu_bn``), and under autograd as one function with
 the kernel ops' formula (it keeps what they keep); ``conv_bn_act`` runs CPU
 inference through oneDNN's fused convolution with the BN folded into a prepared
 weight (``fastres._onednn``), fp32 1x1 convs on few pixels as one matmul
@@ -25,7 +26,12 @@ def _batchnorm_reason(x, scale, shift, residual, act) -> Optional[str]:
     return _cpu_bn.unsupported_reason(x, scale.dtype, residual, act)
 
 
+def _native_reason(x, scale, shift, residual, act) -> Optional[str]:
+    return _cpu_bn.native_reason(x, scale.dtype, residual, act)
+
+
 _BN_ACT = [
+    Impl("cpu-kernels", _cpu_bn.bn_act_native, supports=_native_reason),
     Impl("batchnorm-kernels", _cpu_bn.bn_act, supports=_batchnorm_reason),
     Impl("fp32-residual-epilogue", _cpu_bn.bn_act_residual, supports=_cpu_bn.residual_unsupported_reason),
     Impl("reference", reference.bn_act),

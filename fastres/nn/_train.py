@@ -44,7 +44,7 @@ class BatchNormState(NamedTuple):
     ``act(y * scale + shift)`` with ``scale = weight * invstd``, ``shift = bias - mean *
     scale``, over the kept conv output ``y``. All fp32 (fp64 for fp64) per-channel
     vectors without gradient: the BN's weight and bias travel as autograd inputs.
-    ``kernels``: whether BatchNorm's CPU kernels apply it (:func:`_kernels`)."""
+    ``kernels``: which CPU kernels apply and differentiate it (:func:`_kernels`)."""
 
     mean: Tensor
     invstd: Tensor
@@ -52,7 +52,7 @@ class BatchNormState(NamedTuple):
     shift: Tensor
     eps: float
     activation: str
-    kernels: bool
+    kernels: str
 
 
 class PendingBN:
@@ -89,7 +89,7 @@ def materialize(x, backend: Optional[str]) -> Tensor:
 
 
 def _state(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-           act: str, kernels: bool) -> BatchNormState:
+           act: str, kernels: str) -> BatchNormState:
     """The :class:`BatchNormState` of batch statistics ``mean``, ``invstd``."""
     with torch.no_grad():
         ct = mean.dtype
@@ -116,9 +116,31 @@ def _bn_backward(gz: Tensor, y: Tensor, state: BatchNormState, weight: Optional[
     )
 
 
+def _bn_act_backward(grad: Tensor, y: Tensor, state: BatchNormState, act: str, residual: Optional[Tensor],
+                     out: Optional[Tensor], weight: Optional[Tensor], need: Tuple[bool, bool, bool],
+                     residual_grad: bool, backend: Optional[str]):
+    """``(grad_y, grad_weight, grad_bias, grad_z)`` of ``act(z)``, ``z = (y - mean) * invstd *
+    weight + bias (+ residual)`` with the batch statistics of ``y``, given ``grad``:
+    the activation's backward (from the output ``out`` where the unit kept it) and
+    ``nn.BatchNorm2d``'s (:func:`_bn_backward`); ``grad_z`` (the residual's gradient) if
+    ``residual_grad``. fastres's CPU kernels (``state.kernels == "native"``) run both in
+    one backward of two passes, recomputing ReLU's mask from ``y`` without a residual."""
+    if state.kernels == "native" and (need[0] or residual_grad):
+        gy, gw, gb, gz = _cpu_bn.bn_act_train_backward(
+            grad, y, out if act == "relu" else None, state.scale, state.shift, state.mean, state.invstd, act,
+            residual_grad)
+        has_w = weight is not None
+        return (gy if need[0] else None, gw.to(weight.dtype) if need[1] and has_w else None,
+                gb.to(weight.dtype) if need[2] and has_w else None, gz if residual_grad else None)
+    gz = _act_backward(grad, y, state, act, residual, out, backend)
+    return _bn_backward(gz, y, state, weight, need) + (gz if residual_grad else None,)
+
+
 def _bn_act(y: Tensor, state: BatchNormState, residual: Optional[Tensor], act: str, backend: Optional[str]) -> Tensor:
     """``act(y * scale + shift (+ residual))`` of ``state`` (``act`` may differ from its own)."""
-    if state.kernels:  # what ops.bn_act runs here, without its dispatch
+    if state.kernels == "native":  # what ops.bn_act runs here, without its dispatch
+        return _cpu_bn.bn_act_native(y, state.scale, state.shift, residual, act)
+    if state.kernels == "batchnorm":
         return _cpu_bn.bn_act(y, state.scale, state.shift, residual, act)
     return ops.bn_act(y, state.scale, state.shift, residual, act, backend=backend)
 
@@ -131,11 +153,17 @@ def _apply(src: Tensor, state: Optional[BatchNormState], backend: Optional[str],
     return _bn_act(src, state, None, state.activation if act is None else act, backend)
 
 
-def _kernels(y: Tensor, residual: Optional[Tensor], act: str, backend: Optional[str]) -> bool:
-    """Whether ``fastres.ops.bn_act`` would run BatchNorm's CPU kernels here
-    (``fastres._cpu_bn``), which :func:`_bn_act` then calls without the op's dispatch."""
-    return (backends.resolve("fastres.nn", backend, y.device, "bn_act") == "torch"
-            and _cpu_bn.unsupported_reason(y, reference.compute_dtype(y.dtype), residual, act) is None)
+def _kernels(y: Tensor, residual: Optional[Tensor], act: str, backend: Optional[str]) -> str:
+    """The CPU kernels that ``fastres.ops.bn_act`` would run here (``fastres._cpu_bn``) and that
+    :func:`_bn_act` then calls without the op's dispatch: ``"native"`` (fastres's, which
+    :func:`_bn_act_backward` also differentiates with), ``"batchnorm"`` (ATen's BatchNorm
+    kernels), or ``""`` (the op's dispatch)."""
+    if backends.resolve("fastres.nn", backend, y.device, "bn_act") != "torch":
+        return ""
+    ct = reference.compute_dtype(y.dtype)
+    if _cpu_bn.native_reason(y, ct, residual, act) is None:
+        return "native"
+    return "batchnorm" if _cpu_bn.unsupported_reason(y, ct, residual, act) is None else ""
 
 
 def _bn_forward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], bn: _BatchNorm,
@@ -199,8 +227,9 @@ def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
     says which.
 
     ``a`` is the recomputed activation if the caller has it, else it is
-    recomputed here (for ReLU also what the activation's backward reads), so
-    that one ``convolution_backward`` gives both of the conv's gradients. ``weight`` is the
+    recomputed here (for ReLU, outside fastres's CPU kernels, also what the
+    activation's backward reads), so that one ``convolution_backward`` gives both
+    of the conv's gradients. ``weight`` is the
     parameter: under autocast its low-precision copy is made again here rather
     than kept from the forward (autograd through ``F.conv2d`` keeps it: a model's
     size of extra memory in bf16 training).
@@ -208,12 +237,13 @@ def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
     prev = ctx.prev
     w = cast(weight, ctx.low)
     need_a = need[0] if prev is None else any(need[:3])  # the gradient of the conv's input
+    native = prev is not None and prev.kernels == "native"  # ReLU's mask recomputed there, from src
     z = None  # SiLU's input, for its backward
     if prev is not None and prev.activation == "silu" and need_a:
         z = _apply(src, prev, ctx.backend, "identity")
         if a is None and need[3]:
             a = F.silu(z)
-    elif prev is not None and a is None and (need[3] or need_a and prev.activation == "relu"):
+    elif prev is not None and a is None and (need[3] or need_a and prev.activation == "relu" and not native):
         a = _apply(src, prev, ctx.backend)
     # The input gradient needs only the input's shape and layout: those of src.
     grad_a, grad_w, grad_b = _conv.backward(dy, src if a is None else a, w, ctx.bias_sizes, *ctx.conv_args,
@@ -221,6 +251,10 @@ def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
     grad_src = grad_wp = grad_bp = None
     if prev is None:
         grad_src = grad_a
+    elif need_a and native:
+        del a
+        grad_src, grad_wp, grad_bp, _ = _bn_act_backward(grad_a, src, prev, prev.activation, None, None, weight_p,
+                                                         need[:3], False, ctx.backend)
     elif need_a:
         if prev.activation == "relu":
             # in place: grad_a is the conv backward's fresh tensor (a full-size allocation fewer)
@@ -281,10 +315,9 @@ class _ConvBNActDeferred(torch.autograd.Function):
         return _conv_backward(ctx, grad_y, src, weight_p, weight, None, ctx.needs_input_grad[:5]) + (None,) * 10
 
 
-def _act_backward(grad, y, state: BatchNormState, residual, out, backend) -> Tensor:
+def _act_backward(grad, y, state: BatchNormState, act: str, residual, out, backend) -> Tensor:
     """The gradient of ``z = bn(y) (+ residual)`` given that of ``act(z)``: from the
     output ``out`` for ReLU where it was kept, else from ``z`` recomputed."""
-    act = state.activation
     if act == "identity":
         return grad
     if act == "relu":
@@ -324,10 +357,9 @@ class _BNAct(torch.autograd.Function):
     def backward(ctx, grad_out):
         y, weight, residual, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gz = _act_backward(grad_out, y, ctx.state, residual, out, ctx.backend)
-        grad_y, grad_w, grad_b = _bn_backward(gz, y, ctx.state, weight, need[:3])
-        grad_res = gz if ctx.has_residual and need[3] else None
-        return grad_y, grad_w, grad_b, grad_res, None, None, None
+        state = ctx.state
+        return _bn_act_backward(grad_out, y, state, state.activation, residual, out, weight, need[:3],
+                                ctx.has_residual and need[3], ctx.backend) + (None, None, None)
 
 
 class _BNReLUMaxPool(torch.autograd.Function):
@@ -356,9 +388,10 @@ class _BNReLUMaxPool(torch.autograd.Function):
         y, weight, out, indices = ctx.saved_tensors
         masked = torch.ops.aten.threshold_backward(grad, out, 0)
         # the pooling input's shape and layout are y's (never read)
-        gz = torch.ops.aten.max_pool2d_with_indices_backward(masked, y, *ctx.args, indices)
+        grad_bn = torch.ops.aten.max_pool2d_with_indices_backward(masked, y, *ctx.args, indices)
         del masked
-        return _bn_backward(gz, y, ctx.state, weight, ctx.needs_input_grad[:3]) + (None,) * 8
+        return _bn_act_backward(grad_bn, y, ctx.state, "identity", None, None, weight, ctx.needs_input_grad[:3],
+                                False, None)[:3] + (None,) * 8
 
 
 def relu_max_pool(x: PendingBN, backend: Optional[str], kernel_size, stride, padding, dilation, ceil_mode) -> Tensor:
@@ -401,10 +434,11 @@ class _ConvBNAct(torch.autograd.Function):
         a = None
         if y is None:  # the forward's conv input and output again
             a, y = _conv_in_out(src, None, ctx.prev, weight, bias, ctx.conv_args, ctx.backend, ctx.low)
-        gz = _act_backward(grad_out, y, ctx.state, residual, out, ctx.backend)
-        dy, grad_bn_w, grad_bn_b = _bn_backward(gz, y, ctx.state, bn_weight, (True, need[5], need[6]))
-        grad_res = gz if ctx.has_residual and need[7] else None
-        del y, gz
+        state = ctx.state
+        dy, grad_bn_w, grad_bn_b, grad_res = _bn_act_backward(
+            grad_out, y, state, state.activation, residual, out, bn_weight, (True, need[5], need[6]),
+            ctx.has_residual and need[7], ctx.backend)
+        del y
         return _conv_backward(ctx, dy, src, weight_p, weight, a, need[:5]) + (grad_bn_w, grad_bn_b, grad_res) + (
             None,) * 9
 

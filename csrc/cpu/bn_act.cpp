@@ -1,0 +1,471 @@
+// csrc/cpu/bn_act.cpp — BatchNorm's affine, the residual add and the activation on
+// the CPU in one pass over memory, and the training-mode BatchNorm + activation
+// backward in two.
+//
+//   _bn_act_cpu:  y = act(x * scale[c] + shift[c] (+ residual))
+//     fastres/reference.py's bn_act op for op in the compute dtype (fp32; fp64
+//     for fp64): the product, + shift, + residual, the activation, one rounding
+//     to x's dtype. setup.py compiles this file with -ffp-contract=off, so no
+//     multiply-add is fused and the output is the reference's bit for bit.
+//     Replaces torch.relu(batch_norm(x) (+ residual)): three passes over memory
+//     in ATen (the normalization, add_, relu_), one here.
+//
+//   _bn_act_train_backward_cpu: nn.BatchNorm2d's training backward after the
+//     activation's, from the BN input x (a conv output) and the batch statistics:
+//       gz        = grad * act'(z)  (ReLU: where the output is > 0; the output is
+//                   `out` if given, else act(x * scale + shift) rounded to x's
+//                   dtype, recomputed here: the forward's own values)
+//       grad_bias = sum gz,  dot = sum gz * (x - mean),  grad_weight = dot * invstd
+//       grad_x    = (gz - grad_bias / M - (x - mean) * dot * invstd^2 / M) * scale
+//     over (N, H, W) (M values per channel; scale = weight * invstd), and gz
+//     itself if grad_z (a residual's gradient). Replaces threshold_backward +
+//     native_batch_norm_backward(train=True): the mask costs no pass of its own.
+//     The sums run over fixed blocks of the tensor in the compute dtype, the
+//     blocks' sums in fp64 in a fixed order: the gradients do not depend on the
+//     thread count.
+//
+// x: 4-D, NCHW-contiguous or channels_last, float32, float64 or bfloat16; every
+// other tensor argument of x's size has x's dtype and strides (grad is made so);
+// the per-channel vectors are of the compute dtype. fastres/_cpu_bn.py checks
+// these and routes the cases this file does not take (float16, SiLU) elsewhere.
+// Activations: "relu" (NaN propagates, as torch.relu) and "identity".
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/bit_cast.h>
+#include <torch/library.h>
+
+// The element loops are compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the
+// baseline, and the loader picks the CPU's (GCC function multiversioning); every clone
+// rounds each operation the same way (no contraction, no reassociation), so their results
+// are identical.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTRES_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTRES_CPU_CLONES
+#endif
+
+namespace fastres {
+namespace {
+
+enum class Act { kIdentity, kRelu };
+
+Act parse_activation(const std::string& name) {
+  if (name == "relu") return Act::kRelu;
+  TORCH_CHECK(name == "identity", "fastres: activation: expected \"relu\" or \"identity\" on the CPU, got \"", name,
+              "\"");
+  return Act::kIdentity;
+}
+
+// Storage types: float, double, and bfloat16 as its bits (uint16_t, so that the
+// conversions below are plain integer code the compiler vectorizes).
+template <typename T>
+struct ComputeType {
+  using type = T;
+};
+template <>
+struct ComputeType<uint16_t> {
+  using type = float;
+};
+template <typename T>
+using acc_t = typename ComputeType<T>::type;
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline float widen(uint16_t v) { return c10::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+
+template <typename T>
+inline T narrow(acc_t<T> v) {
+  return v;
+}
+// c10::BFloat16's round to nearest even (NaN to the quiet NaN 0x7FC0), without a branch.
+template <>
+inline uint16_t narrow<uint16_t>(float v) {
+  const uint32_t u = c10::bit_cast<uint32_t>(v);
+  const auto rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return v != v ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
+template <typename C>
+inline C relu(C z) {
+  return z < C(0) ? C(0) : z;  // NaN stays NaN
+}
+
+// x's elements in memory order as runs that share a channel layout: a
+// channels_last row (C elements, channel i at i) or a piece of an NCHW plane
+// (every element of channel c). `run(offset, length, c)` gets c = -1 for a row.
+// Runs are visited in parallel, about kGrain elements per task.
+constexpr int64_t kGrain = 1 << 15;
+
+struct Geometry {
+  int64_t n, c, hw;
+  bool channels_last;
+};
+
+Geometry geometry(const at::Tensor& x) {
+  return {x.size(0), x.size(1), x.size(2) * x.size(3),
+          !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)};
+}
+
+template <typename F>
+void for_each_run(const Geometry& g, const F& run) {
+  if (g.channels_last) {
+    at::parallel_for(0, g.n * g.hw, std::max<int64_t>(1, kGrain / g.c), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) run(r * g.c, g.c, int64_t{-1});
+    });
+  } else {
+    at::parallel_for(0, g.n * g.c, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.hw, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t p = begin; p < end; ++p) run(p * g.hw, g.hw, p % g.c);
+                     });
+  }
+}
+
+// One run's y = act(x * s + b (+ r)); s, b are the row's per-channel vectors (kPlane false) or
+// the plane's channel's values (kPlane true, at index 0).
+template <typename T, Act A, bool kResidual, bool kPlane>
+FASTRES_CPU_CLONES void affine_run(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y,
+                                   const acc_t<T>* __restrict__ s, const acc_t<T>* __restrict__ b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = kPlane ? 0 : i;
+    acc_t<T> z = widen(x[i]) * s[c] + b[c];
+    if constexpr (kResidual) z = z + widen(r[i]);
+    if constexpr (A == Act::kRelu) z = relu(z);
+    y[i] = narrow<T>(z);
+  }
+}
+
+template <typename T, Act A, bool kResidual>
+void affine(const Geometry& g, const T* x, const T* r, T* y, const acc_t<T>* scale, const acc_t<T>* shift) {
+  for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
+    const T* rr = kResidual ? r + off : nullptr;
+    if (c < 0) {
+      affine_run<T, A, kResidual, false>(x + off, rr, y + off, scale, shift, len);
+    } else {
+      affine_run<T, A, kResidual, true>(x + off, rr, y + off, scale + c, shift + c, len);
+    }
+  });
+}
+
+// A dtype as Python spells it, for the argument messages.
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kHalf:
+      return "float16";
+    default:
+      return c10::toString(t);
+  }
+}
+
+// The scalar type's storage type and the kernel instantiated for it.
+template <typename F>
+void dispatch_storage(at::ScalarType t, const char* op, const F& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    case at::kBFloat16:
+      return f(uint16_t{});
+    default:
+      TORCH_CHECK(false, op, ": x: expected float32, float64 or bfloat16, got ", dtype_name(t));
+  }
+}
+
+template <typename T>
+T* data(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+void check_dense(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == x.scalar_type() && t.sizes() == x.sizes() &&
+                  t.strides() == x.strides(),
+              op, ": ", name, ": expected a CPU tensor of x's dtype, shape and strides");
+}
+
+void check_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& x) {
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == ct && v.dim() == 1 && v.size(0) == x.size(1) &&
+                  v.is_contiguous(),
+              op, ": ", name, ": expected a contiguous ", dtype_name(ct), " vector of length C = ", x.size(1), ", got ",
+              dtype_name(v.scalar_type()), " of shape ", v.sizes());
+}
+
+void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 &&
+                  (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              op, ": x: expected a 4-D NCHW-contiguous or channels_last CPU tensor, got sizes ", x.sizes(),
+              " and strides ", x.strides());
+}
+
+at::Tensor bn_act_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                      const std::optional<at::Tensor>& residual, const std::string& activation) {
+  constexpr const char* op = "fastres::_bn_act_cpu";
+  check_x(op, x);
+  check_vector(op, "scale", scale, x);
+  check_vector(op, "shift", shift, x);
+  if (residual) check_dense(op, "residual", *residual, x);
+  const Act act = parse_activation(activation);
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  const Geometry g = geometry(x);
+  dispatch_storage(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    using C = acc_t<T>;
+    const T* r = residual ? data<T>(*residual) : nullptr;
+    const C* s = data<C>(scale);
+    const C* b = data<C>(shift);
+    if (act == Act::kRelu) {
+      residual ? affine<T, Act::kRelu, true>(g, data<T>(x), r, data<T>(y), s, b)
+               : affine<T, Act::kRelu, false>(g, data<T>(x), r, data<T>(y), s, b);
+    } else {
+      residual ? affine<T, Act::kIdentity, true>(g, data<T>(x), r, data<T>(y), s, b)
+               : affine<T, Act::kIdentity, false>(g, data<T>(x), r, data<T>(y), s, b);
+    }
+  });
+  return y;
+}
+
+// The backward's per-element gz, from grad and (ReLU) the output `out` or the forward recomputed
+// from x; s, b as in affine_run.
+template <typename T, Act A, bool kOut>
+inline acc_t<T> masked_grad(const T* grad, const T* x, const T* out, acc_t<T> s, acc_t<T> b, int64_t i) {
+  using C = acc_t<T>;
+  const C g = widen(grad[i]);
+  if constexpr (A == Act::kIdentity) {
+    return g;
+  } else {
+    const C y = kOut ? widen(out[i]) : widen(narrow<T>(widen(x[i]) * s + b));
+    return y > C(0) ? g : C(0);
+  }
+}
+
+// Elements per reduction block: a block's sums run in the compute dtype, the blocks' in fp64.
+constexpr int64_t kBlock = 1 << 14;
+// Lanes of an NCHW block's sums (independent accumulators the compiler keeps in vector registers).
+constexpr int64_t kLanes = 32;
+
+struct Sums {
+  std::vector<double> sum, dot;  // per channel: sum gz, sum gz * (x - mean)
+};
+
+// The sums of channels_last rows [0, rows) (C = ch elements each) into sum[c], dot[c].
+template <typename T, Act A, bool kOut>
+FASTRES_CPU_CLONES void row_sums(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ out,
+                                 const acc_t<T>* __restrict__ scale, const acc_t<T>* __restrict__ shift,
+                                 const acc_t<T>* __restrict__ mean, int64_t rows, int64_t ch,
+                                 acc_t<T>* __restrict__ sum, acc_t<T>* __restrict__ dot) {
+  using C = acc_t<T>;
+  std::fill(sum, sum + ch, C(0));
+  std::fill(dot, dot + ch, C(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = r * ch;
+    for (int64_t c = 0; c < ch; ++c) {
+      const C gz = masked_grad<T, A, kOut>(grad + off, x + off, kOut ? out + off : out, scale[c], shift[c], c);
+      sum[c] += gz;
+      dot[c] += gz * (widen(x[off + c]) - mean[c]);
+    }
+  }
+}
+
+// The sums of one channel of an NCHW tensor, its n planes of hw elements `plane` apart: in kLanes
+// accumulators (a plane's element i in lane i % kLanes), added to the fp64 sums after each
+// kBlock elements or fewer.
+template <typename T, Act A, bool kOut>
+FASTRES_CPU_CLONES void channel_sums(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ out,
+                                     acc_t<T> s, acc_t<T> b, acc_t<T> m, int64_t n, int64_t hw, int64_t plane,
+                                     double* __restrict__ sum_out, double* __restrict__ dot_out) {
+  using C = acc_t<T>;
+  double ts = 0.0, td = 0.0;
+  C sum[kLanes] = {}, dot[kLanes] = {};
+  int64_t pending = 0;  // elements in the accumulators
+  const auto flush = [&] {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      ts += sum[l];
+      td += dot[l];
+      sum[l] = dot[l] = C(0);
+    }
+    pending = 0;
+  };
+  for (int64_t p = 0; p < n; ++p) {
+    const T* gp = grad + p * plane;
+    const T* xp = x + p * plane;
+    const T* op = kOut ? out + p * plane : out;
+    for (int64_t i0 = 0; i0 < hw; i0 += kBlock) {
+      const int64_t i1 = std::min(hw, i0 + kBlock);
+      if (pending + (i1 - i0) > kBlock) flush();
+      int64_t i = i0;
+      for (; i + kLanes <= i1; i += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const C gz = masked_grad<T, A, kOut>(gp, xp, op, s, b, i + l);
+          sum[l] += gz;
+          dot[l] += gz * (widen(xp[i + l]) - m);
+        }
+      }
+      for (int64_t l = 0; i < i1; ++i, ++l) {
+        const C gz = masked_grad<T, A, kOut>(gp, xp, op, s, b, i);
+        sum[l] += gz;
+        dot[l] += gz * (widen(xp[i]) - m);
+      }
+      pending += i1 - i0;
+    }
+  }
+  flush();
+  *sum_out = ts;
+  *dot_out = td;
+}
+
+template <typename T, Act A, bool kOut>
+Sums reduce(const Geometry& g, const T* grad, const T* x, const T* out, const acc_t<T>* scale,
+            const acc_t<T>* shift, const acc_t<T>* mean) {
+  using C = acc_t<T>;
+  const int64_t ch = g.c;
+  Sums total{std::vector<double>(ch, 0.0), std::vector<double>(ch, 0.0)};
+  if (g.channels_last) {
+    const int64_t rows = g.n * g.hw;
+    const int64_t block_rows = std::max<int64_t>(1, kBlock / ch);
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
+    std::vector<C> part(blocks * 2 * ch);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t r0 = k * block_rows, off = r0 * ch;
+        row_sums<T, A, kOut>(grad + off, x + off, kOut ? out + off : out, scale, shift, mean,
+                             std::min(rows, r0 + block_rows) - r0, ch, &part[k * 2 * ch], &part[k * 2 * ch + ch]);
+      }
+    });
+    for (int64_t k = 0; k < blocks; ++k) {
+      for (int64_t c = 0; c < ch; ++c) {
+        total.sum[c] += part[k * 2 * ch + c];
+        total.dot[c] += part[k * 2 * ch + ch + c];
+      }
+    }
+    return total;
+  }
+  at::parallel_for(0, ch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t off = c * g.hw;
+      channel_sums<T, A, kOut>(grad + off, x + off, kOut ? out + off : out, scale[c], shift[c], mean[c], g.n, g.hw,
+                               ch * g.hw, &total.sum[c], &total.dot[c]);
+    }
+  });
+  return total;
+}
+
+// One run's grad_x = (gz - gmean - (x - mean) * k) * s (and gz); vectors as in affine_run.
+template <typename T, Act A, bool kOut, bool kGradZ, bool kPlane>
+FASTRES_CPU_CLONES void grad_run(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ out,
+                                 T* __restrict__ gx, T* __restrict__ gzo, const acc_t<T>* __restrict__ scale,
+                                 const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ mean,
+                                 const acc_t<T>* __restrict__ gmean, const acc_t<T>* __restrict__ k, int64_t n) {
+  using C = acc_t<T>;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = kPlane ? 0 : i;
+    const C gz = masked_grad<T, A, kOut>(grad, x, out, scale[c], shift[c], i);
+    gx[i] = narrow<T>((gz - gmean[c] - (widen(x[i]) - mean[c]) * k[c]) * scale[c]);
+    if constexpr (kGradZ) gzo[i] = narrow<T>(gz);
+  }
+}
+
+template <typename T, Act A, bool kOut, bool kGradZ>
+void grad_input(const Geometry& g, const T* grad, const T* x, const T* out, T* gx, T* gzo, const acc_t<T>* scale,
+                const acc_t<T>* shift, const acc_t<T>* mean, const acc_t<T>* gmean, const acc_t<T>* k) {
+  for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
+    const T* o = kOut ? out + off : nullptr;
+    T* z = kGradZ ? gzo + off : nullptr;
+    if (c < 0) {
+      grad_run<T, A, kOut, kGradZ, false>(grad + off, x + off, o, gx + off, z, scale, shift, mean, gmean, k, len);
+    } else {
+      grad_run<T, A, kOut, kGradZ, true>(grad + off, x + off, o, gx + off, z, scale + c, shift + c, mean + c,
+                                         gmean + c, k + c, len);
+    }
+  });
+}
+
+template <typename T, Act A, bool kOut>
+void train_backward(const Geometry& g, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
+                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+                    const at::Tensor& invstd, const at::Tensor& gx, const at::Tensor& gz,
+                    const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
+  using C = acc_t<T>;
+  const T* o = kOut ? data<T>(out) : nullptr;
+  const Sums sums =
+      reduce<T, A, kOut>(g, data<T>(grad), data<T>(x), o, data<C>(scale), data<C>(shift), data<C>(mean));
+  const double m = static_cast<double>(g.n) * static_cast<double>(g.hw);
+  const C* is = data<C>(invstd);
+  std::vector<C> gmean(g.c), k(g.c);
+  for (int64_t c = 0; c < g.c; ++c) {
+    const double inv = is[c];
+    gmean[c] = static_cast<C>(sums.sum[c] / m);
+    k[c] = static_cast<C>(sums.dot[c] * inv * inv / m);
+    data<C>(grad_weight)[c] = static_cast<C>(sums.dot[c] * inv);
+    data<C>(grad_bias)[c] = static_cast<C>(sums.sum[c]);
+  }
+  const auto run = [&](auto grad_z) {
+    grad_input<T, A, kOut, decltype(grad_z)::value>(g, data<T>(grad), data<T>(x), o, data<T>(gx),
+                                                    grad_z ? data<T>(gz) : nullptr, data<C>(scale), data<C>(shift),
+                                                    data<C>(mean), gmean.data(), k.data());
+  };
+  gz.numel() ? run(std::true_type{}) : run(std::false_type{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x, const std::optional<at::Tensor>& out, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd, const std::string& activation,
+    bool grad_z) {
+  constexpr const char* op = "fastres::_bn_act_train_backward_cpu";
+  check_x(op, x);
+  TORCH_CHECK(grad_in.sizes() == x.sizes() && grad_in.scalar_type() == x.scalar_type() && grad_in.device().is_cpu(),
+              op, ": grad: expected a CPU tensor of x's dtype and shape");
+  const at::Tensor grad = grad_in.contiguous(x.suggest_memory_format());
+  if (out) check_dense(op, "out", *out, x);
+  check_vector(op, "scale", scale, x);
+  check_vector(op, "shift", shift, x);
+  check_vector(op, "mean", mean, x);
+  check_vector(op, "invstd", invstd, x);
+  const Act act = parse_activation(activation);
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 0, op, ": x: expected values in every channel");
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gz = grad_z ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_weight = at::empty_like(scale);
+  at::Tensor grad_bias = at::empty_like(scale);
+  const Geometry g = geometry(x);
+  const at::Tensor none;
+  dispatch_storage(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (act == Act::kIdentity) {
+      train_backward<T, Act::kIdentity, false>(g, grad, x, none, scale, shift, mean, invstd, gx, gz, grad_weight,
+                                               grad_bias);
+    } else if (out) {
+      train_backward<T, Act::kRelu, true>(g, grad, x, *out, scale, shift, mean, invstd, gx, gz, grad_weight,
+                                          grad_bias);
+    } else {
+      train_backward<T, Act::kRelu, false>(g, grad, x, none, scale, shift, mean, invstd, gx, gz, grad_weight,
+                                           grad_bias);
+    }
+  });
+  return {gx, grad_weight, grad_bias, gz};
+}
+
+}  // namespace
+}  // namespace fastres
+
+TORCH_LIBRARY_IMPL(fastres, CPU, m) {
+  m.impl("_bn_act_cpu", &fastres::bn_act_cpu);
+  m.impl("_bn_act_train_backward_cpu", &fastres::bn_act_train_backward_cpu);
+}
