@@ -183,25 +183,19 @@ def host_overhead_providers(device: torch.device) -> List[ModelProvider]:
 
 def train_providers(device: torch.device, dtype: torch.dtype) -> List[ModelProvider]:
     """Training providers: torchvision eager and fastres in the same dtype and layout
-    (autocast to ``dtype``, fp32 weights, channels_last; CPU in fp32, the default:
-    also torchvision NCHW),
+    (autocast to ``dtype``, fp32 weights; channels_last, and on the CPU also NCHW),
     fastres also with ``training_memory="min"`` (``fastres-<backend>-min``), and
-    ``torch.compile`` of torchvision (``tv-compile``: its partitioner recomputes
-    cheap ops in the backward, the baseline for the saved bytes)."""
+    ``torch.compile`` of torchvision (``tv-compile``, channels_last: its partitioner
+    recomputes cheap ops in the backward, the baseline for the saved bytes)."""
     cl = "channels_last"
-    if device.type != "cuda" and dtype == torch.float32:
-        f32 = torch.float32
-        return [ModelProvider("tv-eager", f32, "nchw"), ModelProvider("tv-eager", f32, cl),
-                *(ModelProvider(f"fastres-{b}", f32, cl, b) for b in train_backends(device)),
-                *(ModelProvider(f"fastres-{b}-min", f32, cl, b, training_memory="min")
-                  for b in train_backends(device)),
-                ModelProvider("tv-compile", f32, cl)]
     amp = dtype != torch.float32
-    return [ModelProvider("tv-eager", dtype, cl, amp=amp),
-            *(ModelProvider(f"fastres-{b}", dtype, cl, b, amp=amp) for b in train_backends(device)),
-            *(ModelProvider(f"fastres-{b}-min", dtype, cl, b, amp=amp, training_memory="min")
-              for b in train_backends(device)),
-            ModelProvider("tv-compile", dtype, cl, amp=amp)]
+    providers = []
+    for layout in (cl,) if device.type == "cuda" else ("nchw", cl):
+        providers += [ModelProvider("tv-eager", dtype, layout, amp=amp),
+                      *(ModelProvider(f"fastres-{b}", dtype, layout, b, amp=amp) for b in train_backends(device)),
+                      *(ModelProvider(f"fastres-{b}-min", dtype, layout, b, amp=amp, training_memory="min")
+                        for b in train_backends(device))]
+    return providers + [ModelProvider("tv-compile", dtype, cl, amp=amp)]
 
 
 # ----------------------------------------------------------------------------

@@ -91,6 +91,11 @@ TORCH_LIBRARY(fastres, m) {
   m.def(
       "_bn_act_train_backward_cpu(Tensor grad, Tensor x, Tensor? out, Tensor scale, Tensor shift, Tensor mean, "
       "Tensor invstd, str activation, bool grad_z) -> (Tensor, Tensor, Tensor, Tensor)");
+  // And the batch mean and biased variance of x per channel, in one pass, updating
+  // the running statistics in place as nn.BatchNorm2d does where they are given.
+  m.def(
+      "_bn_stats_cpu(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) "
+      "-> (Tensor, Tensor)");
 
 #ifdef FASTRES_WITH_CUTLASS
   // y = act(conv2d(x, weight, stride, padding, dilation, groups) * scale[k] + shift[k] (+ residual)):

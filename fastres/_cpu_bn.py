@@ -54,16 +54,22 @@ def _cpu_dense_reason(x: Tensor) -> Optional[str]:
     return None
 
 
-def native_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor], act: str) -> Optional[str]:
-    """Why fastres's CPU kernels (:func:`bn_act_native`, the fused training backward) do not
-    stand for the reference here, or None."""
+def _native_input_reason(x: Tensor) -> Optional[str]:
+    """Why fastres's CPU kernels do not take ``x``, or None."""
     reason = _cpu_dense_reason(x)
     if reason is not None:
         return reason
     if not NATIVE:
         return f"fastres's CPU kernels are not loaded ({_extension.LOAD_ERROR or 'an extension without them'})"
-    if x.dtype not in _NATIVE_DTYPES:
-        return "float32, float64 or bfloat16 x only"
+    return None if x.dtype in _NATIVE_DTYPES else "float32, float64 or bfloat16 x only"
+
+
+def native_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor], act: str) -> Optional[str]:
+    """Why fastres's CPU kernels (:func:`bn_act_native`, the fused training backward) do not
+    stand for the reference here, or None."""
+    reason = _native_input_reason(x)
+    if reason is not None:
+        return reason
     if scale_dtype != (torch.float64 if x.dtype == torch.float64 else torch.float32):
         return "a scale of the compute dtype only"
     if act not in ("relu", "identity"):
@@ -88,6 +94,20 @@ def bn_act_train_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], scale:
     return torch.ops.fastres._bn_act_train_backward_cpu(grad, x, out, scale, shift, mean, invstd, act, grad_z)
 
 
+def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                momentum: float) -> Tuple[Tensor, Tensor]:
+    """``(mean, var)``: ``x``'s batch mean and biased variance over ``(0, 2, 3)`` in the compute
+    dtype, and ``nn.BatchNorm2d``'s update of the running buffers where given (of the compute
+    dtype): fastres's one-pass kernel where it takes ``x``, else ATen's
+    ``torch.batch_norm_update_stats`` (fresh buffers stand for absent ones)."""
+    if _native_input_reason(x) is None:
+        return torch.ops.fastres._bn_stats_cpu(x, running_mean, running_var, momentum)
+    if running_mean is None:
+        c, ct = x.shape[1], torch.float64 if x.dtype == torch.float64 else torch.float32
+        running_mean, running_var = x.new_zeros(c, dtype=ct), x.new_ones(c, dtype=ct)
+    return torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
+
+
 if NATIVE:
     @torch.library.register_fake("fastres::_bn_act_cpu")
     def _bn_act_fake(x, scale, shift, residual, activation):
@@ -97,6 +117,11 @@ if NATIVE:
     def _train_backward_fake(grad, x, out, scale, shift, mean, invstd, activation, grad_z):
         return (torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale),
                 torch.empty_like(x) if grad_z else x.new_empty(0))
+
+    @torch.library.register_fake("fastres::_bn_stats_cpu")
+    def _bn_stats_fake(x, running_mean, running_var, momentum):
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty(x.shape[1], dtype=ct), x.new_empty(x.shape[1], dtype=ct)
 
 
 def unsupported_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor], act: str) -> Optional[str]:

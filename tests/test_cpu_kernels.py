@@ -1,6 +1,7 @@
 """fastres's CPU kernels (csrc/cpu/bn_act.cpp): ``_bn_act_cpu`` is the reference bit for bit;
-``_bn_act_train_backward_cpu`` is ReLU's backward + nn.BatchNorm2d's training backward, independent
-of the thread count; both check their arguments and pass opcheck."""
+``_bn_act_train_backward_cpu`` is ReLU's backward + nn.BatchNorm2d's training backward, and
+``_bn_stats_cpu`` nn.BatchNorm2d's batch statistics and running update, independent of the thread
+count; all check their arguments and pass opcheck."""
 import pytest
 import torch
 
@@ -137,6 +138,40 @@ def test_train_backward_takes_a_grad_of_another_layout():
     assert got[0].stride() == x.stride()
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(9, 3, 130, 140)], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_stats_and_running_update(shape, fmt, dtype):
+    """The mean and biased variance to the compute dtype's rounding of the exact (fp64) ones, off
+    the origin (x ~ 5 + 3 N(0, 1)); the running buffers updated as nn.BatchNorm2d does."""
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3 + 5).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    ct = reference.compute_dtype(dtype)
+    rm, rv = torch.randn(shape[1], dtype=ct), torch.rand(shape[1], dtype=ct)
+    want_rm, want_rv = rm.double(), rv.double()
+    want_mean, want_var = torch.batch_norm_update_stats(x.double(), want_rm, want_rv, 0.1)
+    mean, var = torch.ops.fastres._bn_stats_cpu(x, rm, rv, 0.1)
+    tol = _GRAD_TOL[torch.float64] if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    for got, want in ((mean, want_mean), (var, want_var), (rm, want_rm), (rv, want_rv)):
+        assert got.dtype == ct
+        torch.testing.assert_close(got, want.to(ct), **tol)
+    alone = torch.ops.fastres._bn_stats_cpu(x, None, None, 0.1)
+    assert torch.equal(alone[0], mean) and torch.equal(alone[1], var)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_batch_stats_do_not_depend_on_the_thread_count(fmt):
+    x = (torch.randn(4, 64, 30, 31) + 3).contiguous(memory_format=FORMATS[fmt])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastres._bn_stats_cpu(x, None, None, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, torch.ops.fastres._bn_stats_cpu(x, None, None, 0.1)):
+        assert torch.equal(a, b)
+
+
 def test_bad_input_names_the_argument():
     x = torch.randn(2, 3, 4, 5)
     s, b = torch.ones(3), torch.zeros(3)
@@ -156,6 +191,13 @@ def test_bad_input_names_the_argument():
         bwd(x[:1], x, None, s, b, b, s, "relu", False)
     with pytest.raises(RuntimeError, match="invstd: expected"):
         bwd(x, x, None, s, b, b, s.double(), "relu", False)
+    stats = torch.ops.fastres._bn_stats_cpu
+    with pytest.raises(RuntimeError, match="running_mean, running_var: expected both or neither"):
+        stats(x, s.clone(), None, 0.1)
+    with pytest.raises(RuntimeError, match="running_var: expected a contiguous float32 vector"):
+        stats(x, s.clone(), torch.ones(2), 0.1)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        stats(x[:1, :, :1, :1].contiguous(), s.clone(), s.clone(), 0.1)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -167,3 +209,6 @@ def test_opcheck(fmt):
     bwd = torch.ops.fastres._bn_act_train_backward_cpu
     torch.library.opcheck(bwd, (grad, x, None, scale, shift, mean, invstd, "relu", False))
     torch.library.opcheck(bwd, (grad, x, x.relu(), scale, shift, mean, invstd, "relu", True))
+    stats = torch.ops.fastres._bn_stats_cpu
+    torch.library.opcheck(stats, (x, torch.zeros(3), torch.ones(3), 0.1))
+    torch.library.opcheck(stats, (x, None, None, 0.1))

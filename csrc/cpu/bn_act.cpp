@@ -24,6 +24,13 @@
 //     blocks' sums in fp64 in a fixed order: the gradients do not depend on the
 //     thread count.
 //
+//   _bn_stats_cpu: the batch mean and biased variance per channel over (N, H, W)
+//     in one pass over memory (each block's mean, then its sum of squared
+//     deviations from cache; the blocks merged in fp64 in a fixed order), and
+//     nn.BatchNorm2d's running-statistics update in place where the running
+//     buffers are given: running = momentum * stat + (1 - momentum) * running,
+//     the variance unbiased. Replaces torch.batch_norm_update_stats (two passes).
+//
 // x: 4-D, NCHW-contiguous or channels_last, float32, float64 or bfloat16; every
 // other tensor argument of x's size has x's dtype and strides (grad is made so);
 // the per-channel vectors are of the compute dtype. fastres/_cpu_bn.py checks
@@ -462,10 +469,161 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward
   return {gx, grad_weight, grad_bias, gz};
 }
 
+// Batch statistics: per channel, the mean and M2 = sum (x - mean)^2 of each block of at most
+// kBlock elements in two passes over it (the second from cache), in the compute dtype; the
+// blocks' merged in fp64 in a fixed order (Chan, Golub and LeVeque's pairwise update).
+struct Moments {
+  double n = 0.0, mean = 0.0, m2 = 0.0;
+
+  void merge(double nb, double mean_b, double m2_b) {
+    const double total = n + nb;
+    const double delta = mean_b - mean;
+    mean += delta * (nb / total);
+    m2 += m2_b + delta * delta * (n * nb / total);
+    n = total;
+  }
+};
+
+// The moments of channels_last rows [0, rows) (C = ch elements each): mean[c], m2[c].
+template <typename T>
+FASTRES_CPU_CLONES void row_moments(const T* __restrict__ x, int64_t rows, int64_t ch, acc_t<T>* __restrict__ mean,
+                                    acc_t<T>* __restrict__ m2) {
+  using C = acc_t<T>;
+  std::fill(mean, mean + ch, C(0));
+  std::fill(m2, m2 + ch, C(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < ch; ++c) mean[c] += widen(x[r * ch + c]);
+  }
+  for (int64_t c = 0; c < ch; ++c) mean[c] = mean[c] / C(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < ch; ++c) {
+      const C d = widen(x[r * ch + c]) - mean[c];
+      m2[c] += d * d;
+    }
+  }
+}
+
+// The moments of `segments` runs of len elements of one channel, `stride` apart (NCHW planes or
+// a piece of one), in kLanes accumulators.
+template <typename T>
+FASTRES_CPU_CLONES void segment_moments(const T* __restrict__ x, int64_t segments, int64_t len, int64_t stride,
+                                        double* __restrict__ mean_out, double* __restrict__ m2_out) {
+  using C = acc_t<T>;
+  C acc[kLanes] = {};
+  for (int64_t p = 0; p < segments; ++p) {
+    const T* xp = x + p * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += widen(xp[i + l]);
+    }
+    for (int64_t l = 0; i < len; ++i, ++l) acc[l] += widen(xp[i]);
+  }
+  C total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += acc[l];
+  const C mean = total / C(segments * len);
+  std::fill(acc, acc + kLanes, C(0));
+  for (int64_t p = 0; p < segments; ++p) {
+    const T* xp = x + p * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const C d = widen(xp[i + l]) - mean;
+        acc[l] += d * d;
+      }
+    }
+    for (int64_t l = 0; i < len; ++i, ++l) {
+      const C d = widen(xp[i]) - mean;
+      acc[l] += d * d;
+    }
+  }
+  C m2 = 0;
+  for (int64_t l = 0; l < kLanes; ++l) m2 += acc[l];
+  *mean_out = mean;
+  *m2_out = m2;
+}
+
+template <typename T>
+std::vector<Moments> moments(const Geometry& g, const T* x) {
+  using C = acc_t<T>;
+  const int64_t ch = g.c;
+  std::vector<Moments> total(ch);
+  if (g.channels_last) {
+    const int64_t rows = g.n * g.hw;
+    const int64_t block_rows = std::max<int64_t>(1, kBlock / ch);
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
+    std::vector<C> part(blocks * 2 * ch);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t r0 = k * block_rows;
+        row_moments<T>(x + r0 * ch, std::min(rows, r0 + block_rows) - r0, ch, &part[k * 2 * ch],
+                       &part[k * 2 * ch + ch]);
+      }
+    });
+    for (int64_t k = 0; k < blocks; ++k) {
+      const double nb = static_cast<double>(std::min(rows, (k + 1) * block_rows) - k * block_rows);
+      for (int64_t c = 0; c < ch; ++c) total[c].merge(nb, part[k * 2 * ch + c], part[k * 2 * ch + ch + c]);
+    }
+    return total;
+  }
+  // pieces: whole planes, as many as fit in a block, or a block of one plane
+  const int64_t planes = g.hw <= kBlock ? std::max<int64_t>(1, kBlock / std::max<int64_t>(g.hw, 1)) : 1;
+  at::parallel_for(0, ch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t p = 0; p < g.n; p += planes) {
+        const int64_t np = std::min(planes, g.n - p);
+        for (int64_t i0 = 0; i0 < g.hw; i0 += kBlock) {
+          const int64_t len = std::min(kBlock, g.hw - i0);
+          double mean = 0.0, m2 = 0.0;
+          segment_moments<T>(x + (p * ch + c) * g.hw + i0, np, len, ch * g.hw, &mean, &m2);
+          total[c].merge(static_cast<double>(np * len), mean, m2);
+        }
+      }
+    }
+  });
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                                                const std::optional<at::Tensor>& running_var, double momentum) {
+  constexpr const char* op = "fastres::_bn_stats_cpu";
+  check_x(op, x);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": running_mean, running_var: expected both or neither");
+  const int64_t count = x.size(0) * x.size(2) * x.size(3);
+  TORCH_CHECK(count > 0, op, ": x: expected values in every channel");
+  if (running_mean) {
+    check_vector(op, "running_mean", *running_mean, x);
+    check_vector(op, "running_var", *running_var, x);
+    TORCH_CHECK(count > 1, op, ": x: expected more than 1 value per channel to update the running variance");
+  }
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(ct));
+  at::Tensor var = at::empty({x.size(1)}, x.options().dtype(ct));
+  const Geometry g = geometry(x);
+  dispatch_storage(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    using C = acc_t<T>;
+    const std::vector<Moments> m = moments<T>(g, data<T>(x));
+    const double n = static_cast<double>(count);
+    for (int64_t c = 0; c < g.c; ++c) {
+      data<C>(mean)[c] = static_cast<C>(m[c].mean);
+      data<C>(var)[c] = static_cast<C>(m[c].m2 / n);
+      if (running_mean) {  // nn.BatchNorm2d's update, with the unbiased variance
+        C& rm = data<C>(*running_mean)[c];
+        C& rv = data<C>(*running_var)[c];
+        rm = static_cast<C>(momentum * m[c].mean + (1.0 - momentum) * rm);
+        rv = static_cast<C>(momentum * (m[c].m2 / (n - 1.0)) + (1.0 - momentum) * rv);
+      }
+    }
+  });
+  return {mean, var};
+}
+
 }  // namespace
 }  // namespace fastres
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("_bn_act_cpu", &fastres::bn_act_cpu);
   m.impl("_bn_act_train_backward_cpu", &fastres::bn_act_train_backward_cpu);
+  m.impl("_bn_stats_cpu", &fastres::bn_stats_cpu);
 }

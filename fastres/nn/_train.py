@@ -1,11 +1,12 @@
 """Training units: conv -> BN with batch statistics (-> + residual) -> activation.
 
 A unit runs ``F.conv2d``; the conv output's batch mean and biased variance in
-fp32 with the running-statistics update in one call of BatchNorm's own
-statistics kernel (:func:`_batch_stats`); and one ``fastres.ops.bn_act`` for
-normalize + residual + activation with ``scale = weight * invstd`` and
-``shift = bias - mean * scale``, as ATen's BatchNorm computes them (on the CPU
-the BatchNorm kernels that op runs there, called directly: :func:`_bn_act`). The
+fp32 with the running-statistics update in one call (:func:`_batch_stats`: on the
+CPU fastres's one-pass kernel, else BatchNorm's own statistics kernel); and one
+``fastres.ops.bn_act`` for normalize + residual + activation with ``scale =
+weight * invstd`` and ``shift = bias - mean * scale``, as ATen's BatchNorm
+computes them (on the CPU the kernels that op runs there, called directly:
+:func:`_bn_act`). The
 backward is ``nn.BatchNorm2d``'s: the activation's backward, then one
 ``native_batch_norm_backward`` in training mode from the kept conv output ``y``
 and the saved mean and invstd (the gradients of ``y``, the BN weight and bias,
@@ -182,22 +183,21 @@ def _batch_stats(t: Tensor, bn: _BatchNorm, n: int) -> Tuple[Tensor, Tensor]:
     and ``nn.BatchNorm2d``'s running-statistics update of ``bn`` from them (``n`` values
     per channel).
 
-    ``torch.batch_norm_update_stats`` is BatchNorm's own statistics kernel (any
-    memory format): given ``bn``'s running buffers (of the compute dtype) and
-    momentum, it is the very call ``nn.BatchNorm2d`` makes, update included;
-    given fresh buffers and momentum 0, only the statistics, for the update by
+    :func:`fastres._cpu_bn.batch_stats` (fastres's one-pass CPU kernel, else
+    ``torch.batch_norm_update_stats``, BatchNorm's own statistics kernel): given
+    ``bn``'s running buffers (of the compute dtype) and momentum, it updates them
+    as ``nn.BatchNorm2d`` does; without them only the statistics, for the update by
     hand (a cumulative average, ``momentum=None``, without a host sync; buffers of
     another dtype)."""
     ct = reference.compute_dtype(t.dtype)
     tracked = bn.training and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
     if tracked and bn.momentum is not None and bn.running_mean.dtype == ct and bn.running_var.dtype == ct:
         with torch.no_grad():
-            mean, var = torch.batch_norm_update_stats(t, bn.running_mean, bn.running_var, bn.momentum)
+            mean, var = _cpu_bn.batch_stats(t, bn.running_mean, bn.running_var, bn.momentum)
             if bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
         return var, mean
-    c = t.shape[1]
-    mean, var = torch.batch_norm_update_stats(t, t.new_zeros(c, dtype=ct), t.new_ones(c, dtype=ct), 0.0)
+    mean, var = _cpu_bn.batch_stats(t, None, None, 0.0)
     if tracked:
         _update_running_stats(bn, var, mean, n)
     return var, mean
