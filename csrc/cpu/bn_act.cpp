@@ -52,6 +52,8 @@
 #include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
+#include "dtype_name.h"
+
 // The element loops are compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the
 // baseline, and the loader picks the CPU's (GCC function multiversioning); every clone
 // rounds each operation the same way (no contraction, no reassociation), so their results
@@ -162,22 +164,6 @@ void affine(const Geometry& g, const T* x, const T* r, T* y, const acc_t<T>* sca
       affine_run<T, A, kResidual, true>(x + off, rr, y + off, scale + c, shift + c, len);
     }
   });
-}
-
-// A dtype as Python spells it, for the argument messages.
-const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "float32";
-    case at::kDouble:
-      return "float64";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kHalf:
-      return "float16";
-    default:
-      return c10::toString(t);
-  }
 }
 
 // The scalar type's storage type and the kernel instantiated for it.
@@ -338,6 +324,22 @@ FASTRES_CPU_CLONES void channel_sums(const T* __restrict__ grad, const T* __rest
   *dot_out = td;
 }
 
+// The channels_last reductions' fixed blocks of rows (at most kBlock elements each, whatever the
+// thread count): block(first row, rows, a, b) fills two per-channel vectors with the block's
+// results, in parallel; then merge(rows, a, b) takes them block by block, in order.
+template <typename C, typename Block, typename Merge>
+void over_row_blocks(const Geometry& g, const Block& block, const Merge& merge) {
+  const int64_t rows = g.n * g.hw, ch = g.c;
+  const int64_t block_rows = std::max<int64_t>(1, kBlock / ch);
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  const auto size = [&](int64_t k) { return std::min(rows, (k + 1) * block_rows) - k * block_rows; };
+  std::vector<C> part(blocks * 2 * ch);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) block(k * block_rows, size(k), &part[k * 2 * ch], &part[k * 2 * ch + ch]);
+  });
+  for (int64_t k = 0; k < blocks; ++k) merge(size(k), &part[k * 2 * ch], &part[k * 2 * ch + ch]);
+}
+
 template <typename T, Act A, bool kOut>
 Sums reduce(const Geometry& g, const T* grad, const T* x, const T* out, const acc_t<T>* scale,
             const acc_t<T>* shift, const acc_t<T>* mean) {
@@ -345,23 +347,18 @@ Sums reduce(const Geometry& g, const T* grad, const T* x, const T* out, const ac
   const int64_t ch = g.c;
   Sums total{std::vector<double>(ch, 0.0), std::vector<double>(ch, 0.0)};
   if (g.channels_last) {
-    const int64_t rows = g.n * g.hw;
-    const int64_t block_rows = std::max<int64_t>(1, kBlock / ch);
-    const int64_t blocks = (rows + block_rows - 1) / block_rows;
-    std::vector<C> part(blocks * 2 * ch);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t r0 = k * block_rows, off = r0 * ch;
-        row_sums<T, A, kOut>(grad + off, x + off, kOut ? out + off : out, scale, shift, mean,
-                             std::min(rows, r0 + block_rows) - r0, ch, &part[k * 2 * ch], &part[k * 2 * ch + ch]);
-      }
-    });
-    for (int64_t k = 0; k < blocks; ++k) {
-      for (int64_t c = 0; c < ch; ++c) {
-        total.sum[c] += part[k * 2 * ch + c];
-        total.dot[c] += part[k * 2 * ch + ch + c];
-      }
-    }
+    over_row_blocks<C>(
+        g,
+        [&](int64_t r0, int64_t rows, C* sum, C* dot) {
+          const int64_t off = r0 * ch;
+          row_sums<T, A, kOut>(grad + off, x + off, kOut ? out + off : out, scale, shift, mean, rows, ch, sum, dot);
+        },
+        [&](int64_t, const C* sum, const C* dot) {
+          for (int64_t c = 0; c < ch; ++c) {
+            total.sum[c] += sum[c];
+            total.dot[c] += dot[c];
+          }
+        });
     return total;
   }
   at::parallel_for(0, ch, 1, [&](int64_t begin, int64_t end) {
@@ -548,21 +545,11 @@ std::vector<Moments> moments(const Geometry& g, const T* x) {
   const int64_t ch = g.c;
   std::vector<Moments> total(ch);
   if (g.channels_last) {
-    const int64_t rows = g.n * g.hw;
-    const int64_t block_rows = std::max<int64_t>(1, kBlock / ch);
-    const int64_t blocks = (rows + block_rows - 1) / block_rows;
-    std::vector<C> part(blocks * 2 * ch);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t r0 = k * block_rows;
-        row_moments<T>(x + r0 * ch, std::min(rows, r0 + block_rows) - r0, ch, &part[k * 2 * ch],
-                       &part[k * 2 * ch + ch]);
-      }
-    });
-    for (int64_t k = 0; k < blocks; ++k) {
-      const double nb = static_cast<double>(std::min(rows, (k + 1) * block_rows) - k * block_rows);
-      for (int64_t c = 0; c < ch; ++c) total[c].merge(nb, part[k * 2 * ch + c], part[k * 2 * ch + ch + c]);
-    }
+    over_row_blocks<C>(
+        g, [&](int64_t r0, int64_t rows, C* mean, C* m2) { row_moments<T>(x + r0 * ch, rows, ch, mean, m2); },
+        [&](int64_t rows, const C* mean, const C* m2) {
+          for (int64_t c = 0; c < ch; ++c) total[c].merge(static_cast<double>(rows), mean[c], m2[c]);
+        });
     return total;
   }
   // pieces: whole planes, as many as fit in a block, or a block of one plane

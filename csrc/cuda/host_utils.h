@@ -3,7 +3,7 @@
 //
 // It holds:
 //   * what argument checks put in their messages, which name the argument and
-//     what was expected (like fastres/_checks.py): `dtype_name` and
+//     what was expected (like fastres/_checks.py): `dtype_name` (dtype_name.h) and
 //     `describe` ("a 4-D float16 tensor of shape [2, 3, 4, 5] on cuda:0");
 //   * layout rules mirroring fastres/_layout.py: `is_channels_last`;
 //   * small integer helpers: `ceil_div`, `round_up`, `aligned16`;
@@ -25,27 +25,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "dtype_name.h"
+
 namespace fastres {
 
 // ---------------------------------------------------------------------------
 // Argument messages.
 // ---------------------------------------------------------------------------
-
-// The Python name of a dtype ("float32", ...), as fastres's messages spell it.
-inline const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "float32";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kDouble:
-      return "float64";
-    default:
-      return c10::toString(t);
-  }
-}
 
 // "a 4-D float16 tensor of shape [2, 3, 4, 5] on cuda:0"
 inline std::string describe(const at::Tensor& t) {
