@@ -46,8 +46,9 @@ still succeeds, says why, and leaves those sources and the op's schema out, so
 ``fastres.backends.implemented_backends("conv_bn_act")`` has no ``"cuda"``.
 
 Layout of ``csrc/`` the build relies on: ``csrc/bindings.cpp`` declares every
-schema; ``csrc/cpu/`` holds CPU kernels, built in both extensions; ``csrc/cuda/`` holds CUDA-only sources (``.cu``, and ``.cpp`` host code
-that needs CUDA), compiled only in the CUDA build; ``csrc/cuda/conv_*`` need
+schema; ``csrc/cpu/`` holds CPU kernels, built in both extensions;
+``csrc/cuda/`` holds CUDA-only sources (``.cu``, and ``.cpp`` host code that
+needs CUDA), compiled only in the CUDA build; ``csrc/cuda/conv_*`` need
 CUTLASS too. New sources are picked up by glob; new include directories go in
 ``cuda_include_dirs``.
 """

@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastres import _extension
+from fastres import _extension, reference
 from fastres._tracing import is_tracing
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -70,7 +70,7 @@ def native_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor
     reason = _native_input_reason(x)
     if reason is not None:
         return reason
-    if scale_dtype != (torch.float64 if x.dtype == torch.float64 else torch.float32):
+    if scale_dtype != reference.compute_dtype(x.dtype):
         return "a scale of the compute dtype only"
     if act not in ("relu", "identity"):
         return "ReLU or identity only"
@@ -103,7 +103,7 @@ def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
     if _native_input_reason(x) is None:
         return torch.ops.fastres._bn_stats_cpu(x, running_mean, running_var, momentum)
     if running_mean is None:
-        c, ct = x.shape[1], torch.float64 if x.dtype == torch.float64 else torch.float32
+        c, ct = x.shape[1], reference.compute_dtype(x.dtype)
         running_mean, running_var = x.new_zeros(c, dtype=ct), x.new_ones(c, dtype=ct)
     return torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
 
@@ -120,7 +120,7 @@ if NATIVE:
 
     @torch.library.register_fake("fastres::_bn_stats_cpu")
     def _bn_stats_fake(x, running_mean, running_var, momentum):
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        ct = reference.compute_dtype(x.dtype)
         return x.new_empty(x.shape[1], dtype=ct), x.new_empty(x.shape[1], dtype=ct)
 
 

@@ -192,8 +192,13 @@ void check_dense(const char* op, const char* name, const at::Tensor& t, const at
               op, ": ", name, ": expected a CPU tensor of x's dtype, shape and strides");
 }
 
+// The compute dtype of x: float64 for float64, else float32 (fastres.reference.compute_dtype).
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 void check_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& x) {
-  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto ct = compute_type(x);
   TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == ct && v.dim() == 1 && v.size(0) == x.size(1) &&
                   v.is_contiguous(),
               op, ": ", name, ": expected a contiguous ", dtype_name(ct), " vector of length C = ", x.size(1), ", got ",
@@ -583,7 +588,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x, const std::
     check_vector(op, "running_var", *running_var, x);
     TORCH_CHECK(count > 1, op, ": x: expected more than 1 value per channel to update the running variance");
   }
-  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto ct = compute_type(x);
   at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(ct));
   at::Tensor var = at::empty({x.size(1)}, x.options().dtype(ct));
   const Geometry g = geometry(x);
