@@ -91,6 +91,12 @@ TORCH_LIBRARY(fastres, m) {
   m.def(
       "_bn_act_train_backward_cpu(Tensor grad, Tensor x, Tensor? out, Tensor scale, Tensor shift, Tensor mean, "
       "Tensor invstd, str activation, bool grad_z) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same in place: y over x; grad_x over grad (of x's dtype and strides), or over x if
+  // over_x, returning (grad_weight, grad_bias, gz): for tensors no one else holds.
+  m.def("_bn_act_cpu_(Tensor(a!) x, Tensor scale, Tensor shift, Tensor? residual, str activation) -> ()");
+  m.def(
+      "_bn_act_train_backward_cpu_(Tensor(a!) grad, Tensor(b!) x, Tensor? out, Tensor scale, Tensor shift, "
+      "Tensor mean, Tensor invstd, str activation, bool grad_z, bool over_x) -> (Tensor, Tensor, Tensor)");
   // And the batch mean and biased variance of x per channel, in one pass, updating
   // the running statistics in place as nn.BatchNorm2d does where they are given.
   m.def(

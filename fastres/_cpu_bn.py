@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastres import _extension, reference
+from fastres import _extension, _layout, reference
 from fastres._tracing import is_tracing
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -79,18 +79,33 @@ def native_reason(x: Tensor, scale_dtype: torch.dtype, residual: Optional[Tensor
     return None
 
 
-def bn_act_native(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str) -> Tensor:
-    """:func:`fastres.reference.bn_act` in one pass (``csrc/cpu/bn_act.cpp``)."""
+def bn_act_native(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: str,
+                  reuse_x: bool = False) -> Tensor:
+    """:func:`fastres.reference.bn_act` in one pass (``csrc/cpu/bn_act.cpp``); written over ``x``
+    if ``reuse_x`` (the caller's own tensor, no longer needed: a full-size allocation fewer,
+    whose first touch of fresh pages can cost more than the kernel)."""
+    if reuse_x:
+        torch.ops.fastres._bn_act_cpu_(x, scale, shift, residual, act)
+        return x
     return torch.ops.fastres._bn_act_cpu(x, scale, shift, residual, act)
 
 
 def bn_act_train_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], scale: Tensor, shift: Tensor,
-                          mean: Tensor, invstd: Tensor, act: str,
-                          grad_z: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                          mean: Tensor, invstd: Tensor, act: str, grad_z: bool,
+                          reuse: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias, gz)``: ReLU's or identity's backward (ReLU's mask from
     ``out``, else recomputed from ``x``) and ``nn.BatchNorm2d``'s training backward with the batch
     statistics ``mean``, ``invstd`` and ``scale = weight * invstd``, ``shift = bias - mean *
-    scale``, in two passes (``csrc/cpu/bn_act.cpp``; ``gz`` empty unless ``grad_z``)."""
+    scale``, in two passes (``csrc/cpu/bn_act.cpp``; ``gz`` empty unless ``grad_z``).
+
+    ``reuse``: ``"grad"`` or ``"x"``, a tensor of the caller's own that it no longer needs
+    (a fresh gradient, a recomputed conv output), over which ``grad_x`` is written (for
+    ``"grad"`` where it has ``x``'s strides), as :func:`bn_act_native`'s ``reuse_x``."""
+    if reuse == "x" or reuse == "grad" and grad.dtype == x.dtype and grad.stride() == x.stride():
+        grad = _layout.like(grad, x)  # the kernel's layout (a copy only for a grad of other strides)
+        gw, gb, gz = torch.ops.fastres._bn_act_train_backward_cpu_(grad, x, out, scale, shift, mean, invstd, act,
+                                                                   grad_z, reuse == "x")
+        return (x if reuse == "x" else grad), gw, gb, gz
     return torch.ops.fastres._bn_act_train_backward_cpu(grad, x, out, scale, shift, mean, invstd, act, grad_z)
 
 
@@ -117,6 +132,14 @@ if NATIVE:
     def _train_backward_fake(grad, x, out, scale, shift, mean, invstd, activation, grad_z):
         return (torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale),
                 torch.empty_like(x) if grad_z else x.new_empty(0))
+
+    @torch.library.register_fake("fastres::_bn_act_cpu_")
+    def _bn_act_inplace_fake(x, scale, shift, residual, activation):
+        return None
+
+    @torch.library.register_fake("fastres::_bn_act_train_backward_cpu_")
+    def _train_backward_inplace_fake(grad, x, out, scale, shift, mean, invstd, activation, grad_z, over_x):
+        return torch.empty_like(scale), torch.empty_like(scale), torch.empty_like(x) if grad_z else x.new_empty(0)
 
     @torch.library.register_fake("fastres::_bn_stats_cpu")
     def _bn_stats_fake(x, running_mean, running_var, momentum):

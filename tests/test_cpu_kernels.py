@@ -1,7 +1,8 @@
 """fastres's CPU kernels (csrc/cpu/bn_act.cpp): ``_bn_act_cpu`` is the reference bit for bit;
 ``_bn_act_train_backward_cpu`` is ReLU's backward + nn.BatchNorm2d's training backward, and
 ``_bn_stats_cpu`` nn.BatchNorm2d's batch statistics and running update, independent of the thread
-count; all check their arguments and pass opcheck."""
+count; the in-place forms (``_bn_act_cpu_``, ``_bn_act_train_backward_cpu_``) give the same bits;
+all check their arguments and pass opcheck."""
 import pytest
 import torch
 
@@ -43,6 +44,25 @@ def test_bn_act_is_the_reference_bit_for_bit(shape, fmt, dtype, act, with_residu
     scale, shift = _vec(shape[1], dtype), _vec(shape[1], dtype)
     assert _cpu_bn.native_reason(x, scale.dtype, r, act) is None
     _same(_cpu_bn.bn_act_native(x, scale, shift, r, act), reference.bn_act(x, scale, shift, r, act))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 64, 112, 113)], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ["relu", "identity"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_bn_act_in_place_is_the_same(shape, fmt, dtype, act, with_residual):
+    """Written over x (``reuse_x``): the out-of-place kernel's bits, in x's storage (a ResNet
+    stem's 64 channels over many channels_last rows included)."""
+    torch.manual_seed(0)
+    x = _x(shape, dtype, fmt)
+    r = _x(shape, dtype, fmt) if with_residual else None
+    scale, shift = _vec(shape[1], dtype), _vec(shape[1], dtype)
+    want = _cpu_bn.bn_act_native(x, scale, shift, r, act)
+    ptr = x.data_ptr()
+    got = _cpu_bn.bn_act_native(x, scale, shift, r, act, reuse_x=True)
+    assert got.data_ptr() == ptr
+    _same(got, want)
 
 
 def _expected_backward(grad, x, out, scale, shift, mean, invstd, act):
@@ -96,6 +116,36 @@ def test_train_backward_is_relu_then_batchnorm_backward(shape, fmt, dtype, act, 
         assert torch.equal(gz, ex[3])
     else:
         assert gz.numel() == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7, 9), (2, 64, 33, 35)], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["recomputed", "from-output", "residual", "identity"])
+@pytest.mark.parametrize("reuse", ["grad", "x"])
+def test_train_backward_in_place_is_the_same(shape, fmt, dtype, mask, reuse):
+    """grad_x written over grad or over x: the out-of-place kernel's bits, in that storage."""
+    torch.manual_seed(0)
+    x, grad, r, scale, shift, mean, invstd = _batch(shape, dtype, fmt, mask == "residual")
+    act = "identity" if mask == "identity" else "relu"
+    out = reference.bn_act(x, scale, shift, r, act) if mask in ("from-output", "residual") else None
+    args = (out, scale, shift, mean, invstd, act, mask == "residual")
+    want = torch.ops.fastres._bn_act_train_backward_cpu(grad, x, *args)
+    ptr = (grad if reuse == "grad" else x).data_ptr()
+    got = _cpu_bn.bn_act_train_backward(grad, x, *args, reuse=reuse)
+    assert got[0].data_ptr() == ptr
+    for a, b in zip(got, want):
+        _same(a, b)
+
+
+def test_train_backward_over_x_takes_a_grad_of_another_layout():
+    torch.manual_seed(0)
+    x, grad, _, scale, shift, mean, invstd = _batch((2, 6, 5, 7), torch.float32, "nhwc", False)
+    args = (None, scale, shift, mean, invstd, "relu", False)
+    want = torch.ops.fastres._bn_act_train_backward_cpu(grad, x, *args)
+    got = _cpu_bn.bn_act_train_backward(grad.contiguous(), x, *args, reuse="x")
+    for a, b in zip(got, want):
+        _same(a, b)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -191,6 +241,14 @@ def test_bad_input_names_the_argument():
         bwd(x[:1], x, None, s, b, b, s, "relu", False)
     with pytest.raises(RuntimeError, match="invstd: expected"):
         bwd(x, x, None, s, b, b, s.double(), "relu", False)
+    bwd_ = torch.ops.fastres._bn_act_train_backward_cpu_
+    with pytest.raises(RuntimeError, match="grad: expected a CPU tensor of x's dtype, shape and strides"):
+        bwd_(x.contiguous(memory_format=torch.channels_last), x.clone(), None, s, b, b, s, "relu", False, False)
+    y = x.clone()
+    with pytest.raises(RuntimeError, match="out: expected a tensor other than x"):
+        bwd_(x.clone(), y, y, s, b, b, s, "relu", False, True)
+    with pytest.raises(RuntimeError, match="x: expected float32, float64 or bfloat16"):
+        torch.ops.fastres._bn_act_cpu_(x.half(), s, b, None, "relu")
     stats = torch.ops.fastres._bn_stats_cpu
     with pytest.raises(RuntimeError, match="running_mean, running_var: expected both or neither"):
         stats(x, s.clone(), None, 0.1)
@@ -209,6 +267,13 @@ def test_opcheck(fmt):
     bwd = torch.ops.fastres._bn_act_train_backward_cpu
     torch.library.opcheck(bwd, (grad, x, None, scale, shift, mean, invstd, "relu", False))
     torch.library.opcheck(bwd, (grad, x, x.relu(), scale, shift, mean, invstd, "relu", True))
+    torch.library.opcheck(torch.ops.fastres._bn_act_cpu_, (x.clone(), scale, shift, r, "relu"))
+    bwd_ = torch.ops.fastres._bn_act_train_backward_cpu_
+    for over_x in (False, True):
+        torch.library.opcheck(bwd_, (grad.clone(), x.clone(), None, scale, shift, mean, invstd, "relu", False,
+                                     over_x))
+        torch.library.opcheck(bwd_, (grad.clone(), x.clone(), x.relu(), scale, shift, mean, invstd, "relu", True,
+                                     over_x))
     stats = torch.ops.fastres._bn_stats_cpu
     torch.library.opcheck(stats, (x, torch.zeros(3), torch.ones(3), 0.1))
     torch.library.opcheck(stats, (x, None, None, 0.1))

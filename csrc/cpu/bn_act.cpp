@@ -10,7 +10,7 @@
 //     Replaces torch.relu(batch_norm(x) (+ residual)): three passes over memory
 //     in ATen (the normalization, add_, relu_), one here.
 //
-//   _bn_act_train_backward_cpu: nn.BatchNorm2d's training backward after the
+//   _bn_act_train_backward_cpu(_): nn.BatchNorm2d's training backward after the
 //     activation's, from the BN input x (a conv output) and the batch statistics:
 //       gz        = grad * act'(z)  (ReLU: where the output is > 0; the output is
 //                   `out` if given, else act(x * scale + shift) rounded to x's
@@ -110,10 +110,11 @@ inline C relu(C z) {
   return z < C(0) ? C(0) : z;  // NaN stays NaN
 }
 
-// x's elements in memory order as runs that share a channel layout: a
-// channels_last row (C elements, channel i at i) or a piece of an NCHW plane
-// (every element of channel c). `run(offset, length, c)` gets c = -1 for a row.
-// Runs are visited in parallel, about kGrain elements per task.
+// x's elements in memory order as runs of rows that share a channel layout: a block of
+// channels_last rows (`rows` rows of C elements, channel i at i of each) or a piece of an NCHW
+// plane (one row of elements of channel c). `run(offset, rows, length, c)` gets c = -1 for
+// channels_last rows. Runs are visited in parallel, about kGrain elements per task; a task's
+// channels_last rows are one run, so that the element loop is entered once per task.
 constexpr int64_t kGrain = 1 << 15;
 
 struct Geometry {
@@ -129,39 +130,46 @@ Geometry geometry(const at::Tensor& x) {
 template <typename F>
 void for_each_run(const Geometry& g, const F& run) {
   if (g.channels_last) {
-    at::parallel_for(0, g.n * g.hw, std::max<int64_t>(1, kGrain / g.c), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) run(r * g.c, g.c, int64_t{-1});
-    });
+    at::parallel_for(0, g.n * g.hw, std::max<int64_t>(1, kGrain / g.c),
+                     [&](int64_t begin, int64_t end) { run(begin * g.c, end - begin, g.c, int64_t{-1}); });
   } else {
     at::parallel_for(0, g.n * g.c, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.hw, 1)),
                      [&](int64_t begin, int64_t end) {
-                       for (int64_t p = begin; p < end; ++p) run(p * g.hw, g.hw, p % g.c);
+                       for (int64_t p = begin; p < end; ++p) run(p * g.hw, int64_t{1}, g.hw, p % g.c);
                      });
   }
 }
 
-// One run's y = act(x * s + b (+ r)); s, b are the row's per-channel vectors (kPlane false) or
-// the plane's channel's values (kPlane true, at index 0).
-template <typename T, Act A, bool kResidual, bool kPlane>
-FASTRES_CPU_CLONES void affine_run(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y,
-                                   const acc_t<T>* __restrict__ s, const acc_t<T>* __restrict__ b, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = kPlane ? 0 : i;
-    acc_t<T> z = widen(x[i]) * s[c] + b[c];
-    if constexpr (kResidual) z = z + widen(r[i]);
-    if constexpr (A == Act::kRelu) z = relu(z);
-    y[i] = narrow<T>(z);
+// One run's y = act(x * s + b (+ r)) over `rows` rows of n elements; s, b are the rows'
+// per-channel vectors (kPlane false) or the plane's channel's values (kPlane true, at index 0).
+// kInPlace: x is y (x_in is unused), each element read before it is overwritten; a pointer of
+// its own would alias y's.
+template <typename T, Act A, bool kResidual, bool kPlane, bool kInPlace>
+FASTRES_CPU_CLONES void affine_run(const T* __restrict__ x_in, const T* __restrict__ r, T* __restrict__ y,
+                                   const acc_t<T>* __restrict__ s, const acc_t<T>* __restrict__ b, int64_t rows,
+                                   int64_t n) {
+  const T* x = kInPlace ? y : x_in;
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t o = row * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = kPlane ? 0 : i;
+      acc_t<T> z = widen(x[o + i]) * s[c] + b[c];
+      if constexpr (kResidual) z = z + widen(r[o + i]);
+      if constexpr (A == Act::kRelu) z = relu(z);
+      y[o + i] = narrow<T>(z);
+    }
   }
 }
 
-template <typename T, Act A, bool kResidual>
+template <typename T, Act A, bool kResidual, bool kInPlace>
 void affine(const Geometry& g, const T* x, const T* r, T* y, const acc_t<T>* scale, const acc_t<T>* shift) {
-  for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
+  for_each_run(g, [&](int64_t off, int64_t rows, int64_t len, int64_t c) {
+    const T* xr = kInPlace ? nullptr : x + off;
     const T* rr = kResidual ? r + off : nullptr;
     if (c < 0) {
-      affine_run<T, A, kResidual, false>(x + off, rr, y + off, scale, shift, len);
+      affine_run<T, A, kResidual, false, kInPlace>(xr, rr, y + off, scale, shift, rows, len);
     } else {
-      affine_run<T, A, kResidual, true>(x + off, rr, y + off, scale + c, shift + c, len);
+      affine_run<T, A, kResidual, true, kInPlace>(xr, rr, y + off, scale + c, shift + c, rows, len);
     }
   });
 }
@@ -212,32 +220,45 @@ void check_x(const char* op, const at::Tensor& x) {
               " and strides ", x.strides());
 }
 
-at::Tensor bn_act_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                      const std::optional<at::Tensor>& residual, const std::string& activation) {
-  constexpr const char* op = "fastres::_bn_act_cpu";
+// Checks the arguments and computes the forward into y (a fresh tensor, or x itself).
+void bn_act_into(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                 const std::optional<at::Tensor>& residual, const std::string& activation, const at::Tensor& y) {
   check_x(op, x);
   check_vector(op, "scale", scale, x);
   check_vector(op, "shift", shift, x);
   if (residual) check_dense(op, "residual", *residual, x);
   const Act act = parse_activation(activation);
-  at::Tensor y = at::empty_like(x);
-  if (x.numel() == 0) return y;
+  if (x.numel() == 0) return;
   const Geometry g = geometry(x);
   dispatch_storage(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     using C = acc_t<T>;
     const T* r = residual ? data<T>(*residual) : nullptr;
-    const C* s = data<C>(scale);
-    const C* b = data<C>(shift);
-    if (act == Act::kRelu) {
-      residual ? affine<T, Act::kRelu, true>(g, data<T>(x), r, data<T>(y), s, b)
-               : affine<T, Act::kRelu, false>(g, data<T>(x), r, data<T>(y), s, b);
-    } else {
-      residual ? affine<T, Act::kIdentity, true>(g, data<T>(x), r, data<T>(y), s, b)
-               : affine<T, Act::kIdentity, false>(g, data<T>(x), r, data<T>(y), s, b);
-    }
+    const auto run = [&](auto a, auto has_residual, auto in_place) {
+      affine<T, decltype(a)::value, decltype(has_residual)::value, decltype(in_place)::value>(
+          g, data<T>(x), r, data<T>(y), data<C>(scale), data<C>(shift));
+    };
+    const auto with_act = [&](auto has_residual, auto in_place) {
+      act == Act::kRelu ? run(std::integral_constant<Act, Act::kRelu>{}, has_residual, in_place)
+                        : run(std::integral_constant<Act, Act::kIdentity>{}, has_residual, in_place);
+    };
+    const auto with_residual = [&](auto in_place) {
+      residual ? with_act(std::true_type{}, in_place) : with_act(std::false_type{}, in_place);
+    };
+    y.data_ptr() == x.data_ptr() ? with_residual(std::true_type{}) : with_residual(std::false_type{});
   });
+}
+
+at::Tensor bn_act_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                      const std::optional<at::Tensor>& residual, const std::string& activation) {
+  at::Tensor y = at::empty_like(x);
+  bn_act_into("fastres::_bn_act_cpu", x, scale, shift, residual, activation, y);
   return y;
+}
+
+void bn_act_cpu_(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                 const std::optional<at::Tensor>& residual, const std::string& activation) {
+  bn_act_into("fastres::_bn_act_cpu_", x, scale, shift, residual, activation, x);
 }
 
 // The backward's per-element gz, from grad and (ReLU) the output `out` or the forward recomputed
@@ -376,32 +397,44 @@ Sums reduce(const Geometry& g, const T* grad, const T* x, const T* out, const ac
   return total;
 }
 
-// One run's grad_x = (gz - gmean - (x - mean) * k) * s (and gz); vectors as in affine_run.
-template <typename T, Act A, bool kOut, bool kGradZ, bool kPlane>
-FASTRES_CPU_CLONES void grad_run(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ out,
+// One run's grad_x = (gz - gmean - (x - mean) * k) * s (and gz); rows and vectors as in affine_run.
+// I: what gx is written over (Into), whose elements are each read before they are overwritten
+// through gx (a pointer of their own would alias gx's; the other one is unused).
+enum class Into { kNew, kGrad, kX };
+
+template <typename T, Act A, bool kOut, bool kGradZ, bool kPlane, Into I>
+FASTRES_CPU_CLONES void grad_run(const T* __restrict__ grad_in, const T* __restrict__ x_in, const T* __restrict__ out,
                                  T* __restrict__ gx, T* __restrict__ gzo, const acc_t<T>* __restrict__ scale,
                                  const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ mean,
-                                 const acc_t<T>* __restrict__ gmean, const acc_t<T>* __restrict__ k, int64_t n) {
+                                 const acc_t<T>* __restrict__ gmean, const acc_t<T>* __restrict__ k, int64_t rows,
+                                 int64_t n) {
   using C = acc_t<T>;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = kPlane ? 0 : i;
-    const C gz = masked_grad<T, A, kOut>(grad, x, out, scale[c], shift[c], i);
-    gx[i] = narrow<T>((gz - gmean[c] - (widen(x[i]) - mean[c]) * k[c]) * scale[c]);
-    if constexpr (kGradZ) gzo[i] = narrow<T>(gz);
+  const T* grad = I == Into::kGrad ? gx : grad_in;
+  const T* x = I == Into::kX ? gx : x_in;
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t o = row * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = kPlane ? 0 : i;
+      const C gz = masked_grad<T, A, kOut>(grad + o, x + o, kOut ? out + o : out, scale[c], shift[c], i);
+      gx[o + i] = narrow<T>((gz - gmean[c] - (widen(x[o + i]) - mean[c]) * k[c]) * scale[c]);
+      if constexpr (kGradZ) gzo[o + i] = narrow<T>(gz);
+    }
   }
 }
 
-template <typename T, Act A, bool kOut, bool kGradZ>
+template <typename T, Act A, bool kOut, bool kGradZ, Into I>
 void grad_input(const Geometry& g, const T* grad, const T* x, const T* out, T* gx, T* gzo, const acc_t<T>* scale,
                 const acc_t<T>* shift, const acc_t<T>* mean, const acc_t<T>* gmean, const acc_t<T>* k) {
-  for_each_run(g, [&](int64_t off, int64_t len, int64_t c) {
+  for_each_run(g, [&](int64_t off, int64_t rows, int64_t len, int64_t c) {
+    const T* gr = I == Into::kGrad ? nullptr : grad + off;
+    const T* xr = I == Into::kX ? nullptr : x + off;
     const T* o = kOut ? out + off : nullptr;
     T* z = kGradZ ? gzo + off : nullptr;
     if (c < 0) {
-      grad_run<T, A, kOut, kGradZ, false>(grad + off, x + off, o, gx + off, z, scale, shift, mean, gmean, k, len);
+      grad_run<T, A, kOut, kGradZ, false, I>(gr, xr, o, gx + off, z, scale, shift, mean, gmean, k, rows, len);
     } else {
-      grad_run<T, A, kOut, kGradZ, true>(grad + off, x + off, o, gx + off, z, scale + c, shift + c, mean + c,
-                                         gmean + c, k + c, len);
+      grad_run<T, A, kOut, kGradZ, true, I>(gr, xr, o, gx + off, z, scale + c, shift + c, mean + c, gmean + c,
+                                            k + c, rows, len);
     }
   });
 }
@@ -425,23 +458,26 @@ void train_backward(const Geometry& g, const at::Tensor& grad, const at::Tensor&
     data<C>(grad_weight)[c] = static_cast<C>(sums.dot[c] * inv);
     data<C>(grad_bias)[c] = static_cast<C>(sums.sum[c]);
   }
-  const auto run = [&](auto grad_z) {
-    grad_input<T, A, kOut, decltype(grad_z)::value>(g, data<T>(grad), data<T>(x), o, data<T>(gx),
-                                                    grad_z ? data<T>(gz) : nullptr, data<C>(scale), data<C>(shift),
-                                                    data<C>(mean), gmean.data(), k.data());
+  const auto run = [&](auto grad_z, auto into) {
+    grad_input<T, A, kOut, decltype(grad_z)::value, decltype(into)::value>(
+        g, data<T>(grad), data<T>(x), o, data<T>(gx), grad_z ? data<T>(gz) : nullptr, data<C>(scale),
+        data<C>(shift), data<C>(mean), gmean.data(), k.data());
   };
-  gz.numel() ? run(std::true_type{}) : run(std::false_type{});
+  const auto with_into = [&](auto grad_z) {
+    using I = std::integral_constant<Into, Into::kNew>;
+    if (gx.data_ptr() == grad.data_ptr()) return run(grad_z, std::integral_constant<Into, Into::kGrad>{});
+    if (gx.data_ptr() == x.data_ptr()) return run(grad_z, std::integral_constant<Into, Into::kX>{});
+    run(grad_z, I{});
+  };
+  gz.numel() ? with_into(std::true_type{}) : with_into(std::false_type{});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x, const std::optional<at::Tensor>& out, const at::Tensor& scale,
-    const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd, const std::string& activation,
-    bool grad_z) {
-  constexpr const char* op = "fastres::_bn_act_train_backward_cpu";
-  check_x(op, x);
-  TORCH_CHECK(grad_in.sizes() == x.sizes() && grad_in.scalar_type() == x.scalar_type() && grad_in.device().is_cpu(),
-              op, ": grad: expected a CPU tensor of x's dtype and shape");
-  const at::Tensor grad = grad_in.contiguous(x.suggest_memory_format());
+// Checks the arguments and runs the backward, grad_x into gx (a fresh tensor, or grad or x
+// itself: each of their elements is read before the one of gx at its index is written).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward_into(
+    const char* op, const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& out,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::string& activation, bool grad_z, const at::Tensor& gx) {
   if (out) check_dense(op, "out", *out, x);
   check_vector(op, "scale", scale, x);
   check_vector(op, "shift", shift, x);
@@ -449,7 +485,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward
   check_vector(op, "invstd", invstd, x);
   const Act act = parse_activation(activation);
   TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 0, op, ": x: expected values in every channel");
-  at::Tensor gx = at::empty_like(x);
   at::Tensor gz = grad_z ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor grad_weight = at::empty_like(scale);
   at::Tensor grad_bias = at::empty_like(scale);
@@ -468,7 +503,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward
                                            grad_bias);
     }
   });
+  return {grad_weight, grad_bias, gz};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x, const std::optional<at::Tensor>& out, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd, const std::string& activation,
+    bool grad_z) {
+  constexpr const char* op = "fastres::_bn_act_train_backward_cpu";
+  check_x(op, x);
+  TORCH_CHECK(grad_in.sizes() == x.sizes() && grad_in.scalar_type() == x.scalar_type() && grad_in.device().is_cpu(),
+              op, ": grad: expected a CPU tensor of x's dtype and shape");
+  const at::Tensor grad = grad_in.contiguous(x.suggest_memory_format());
+  at::Tensor gx = at::empty_like(x);
+  auto [grad_weight, grad_bias, gz] =
+      train_backward_into(op, grad, x, out, scale, shift, mean, invstd, activation, grad_z, gx);
   return {gx, grad_weight, grad_bias, gz};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward_cpu_(
+    at::Tensor& grad, at::Tensor& x, const std::optional<at::Tensor>& out, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd, const std::string& activation,
+    bool grad_z, bool over_x) {
+  constexpr const char* op = "fastres::_bn_act_train_backward_cpu_";
+  check_x(op, x);
+  check_dense(op, "grad", grad, x);
+  TORCH_CHECK(!(over_x && out && out->is_same(x)), op, ": out: expected a tensor other than x when over_x");
+  return train_backward_into(op, grad, x, out, scale, shift, mean, invstd, activation, grad_z, over_x ? x : grad);
 }
 
 // Batch statistics: per channel, the mean and M2 = sum (x - mean)^2 of each block of at most
@@ -616,6 +677,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x, const std::
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("_bn_act_cpu", &fastres::bn_act_cpu);
+  m.impl("_bn_act_cpu_", &fastres::bn_act_cpu_);
   m.impl("_bn_act_train_backward_cpu", &fastres::bn_act_train_backward_cpu);
+  m.impl("_bn_act_train_backward_cpu_", &fastres::bn_act_train_backward_cpu_);
   m.impl("_bn_stats_cpu", &fastres::bn_stats_cpu);
 }
