@@ -234,3 +234,20 @@ def conv_bn_act(
     """One call, prepared for it (``fastres.ops.conv_bn_act``'s oneDNN path)."""
     p = prepare(x, weight, scale, shift, stride, padding, dilation, groups, pack=False)
     return run(p, x, residual, act)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+           dilation: Sequence[int], groups: int) -> Tensor:
+    """``F.conv2d(x, weight, bias, ...)`` without a gradient: for a channels_last ``x`` of a dtype
+    oneDNN computes natively, its convolution op with the dense weight (which it reorders per
+    call, as ``F.conv2d`` does), else ``F.conv2d`` itself: oneDNN's convolution either way,
+    but ``F.conv2d``'s route to it is slower for an input of few channels (a ResNet stem's
+    three) and no faster otherwise. The output is channels_last, as ``F.conv2d``'s."""
+    if (_AVAILABLE and type(x) is Tensor and x.device.type == "cpu" and _COMPUTE.get(x.dtype) == x.dtype
+            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and x.shape[0] > 0
+            and _layout.is_channels_last(x) and not is_tracing()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
+                                                       groups, "none", [], "")
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)

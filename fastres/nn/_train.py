@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastres import _conv, _cpu_bn, backends, ops, reference
+from fastres import _conv, _cpu_bn, _onednn, backends, ops, reference
 from fastres.nn._casting import cast
 from fastres.nn._fusability import conv_geometry
 
@@ -119,17 +119,19 @@ def _bn_backward(gz: Tensor, y: Tensor, state: BatchNormState, weight: Optional[
 
 def _bn_act_backward(grad: Tensor, y: Tensor, state: BatchNormState, act: str, residual: Optional[Tensor],
                      out: Optional[Tensor], weight: Optional[Tensor], need: Tuple[bool, bool, bool],
-                     residual_grad: bool, backend: Optional[str]):
+                     residual_grad: bool, backend: Optional[str], reuse: str = ""):
     """``(grad_y, grad_weight, grad_bias, grad_z)`` of ``act(z)``, ``z = (y - mean) * invstd *
     weight + bias (+ residual)`` with the batch statistics of ``y``, given ``grad``:
     the activation's backward (from the output ``out`` where the unit kept it) and
     ``nn.BatchNorm2d``'s (:func:`_bn_backward`); ``grad_z`` (the residual's gradient) if
     ``residual_grad``. fastres's CPU kernels (``state.kernels == "native"``) run both in
-    one backward of two passes, recomputing ReLU's mask from ``y`` without a residual."""
+    one backward of two passes, recomputing ReLU's mask from ``y`` without a residual,
+    and write ``grad_y`` over ``grad`` or ``y`` where ``reuse`` names it (the caller's own,
+    no longer needed: :func:`fastres._cpu_bn.bn_act_train_backward`)."""
     if state.kernels == "native" and (need[0] or residual_grad):
         gy, gw, gb, gz = _cpu_bn.bn_act_train_backward(
             grad, y, out if act == "relu" else None, state.scale, state.shift, state.mean, state.invstd, act,
-            residual_grad)
+            residual_grad, reuse if need[0] else "")
         has_w = weight is not None
         return (gy if need[0] else None, gw.to(weight.dtype) if need[1] and has_w else None,
                 gb.to(weight.dtype) if need[2] and has_w else None, gz if residual_grad else None)
@@ -137,10 +139,12 @@ def _bn_act_backward(grad: Tensor, y: Tensor, state: BatchNormState, act: str, r
     return _bn_backward(gz, y, state, weight, need) + (gz if residual_grad else None,)
 
 
-def _bn_act(y: Tensor, state: BatchNormState, residual: Optional[Tensor], act: str, backend: Optional[str]) -> Tensor:
-    """``act(y * scale + shift (+ residual))`` of ``state`` (``act`` may differ from its own)."""
+def _bn_act(y: Tensor, state: BatchNormState, residual: Optional[Tensor], act: str, backend: Optional[str],
+            reuse_y: bool = False) -> Tensor:
+    """``act(y * scale + shift (+ residual))`` of ``state`` (``act`` may differ from its own);
+    with fastres's CPU kernels written over ``y`` if ``reuse_y`` (the caller's, no longer needed)."""
     if state.kernels == "native":  # what ops.bn_act runs here, without its dispatch
-        return _cpu_bn.bn_act_native(y, state.scale, state.shift, residual, act)
+        return _cpu_bn.bn_act_native(y, state.scale, state.shift, residual, act, reuse_y)
     if state.kernels == "batchnorm":
         return _cpu_bn.bn_act(y, state.scale, state.shift, residual, act)
     return ops.bn_act(y, state.scale, state.shift, residual, act, backend=backend)
@@ -168,14 +172,14 @@ def _kernels(y: Tensor, residual: Optional[Tensor], act: str, backend: Optional[
 
 
 def _bn_forward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], bn: _BatchNorm,
-                residual: Optional[Tensor], act: str, backend: Optional[str], n: int):
+                residual: Optional[Tensor], act: str, backend: Optional[str], n: int, reuse_y: bool = False):
     """``(act(bn(y) (+ residual)), state)`` with the batch statistics of ``y`` (``bn``'s
     running statistics updated; ``weight``, ``bias``: its parameters): the statistics
-    (:func:`_batch_stats`), then one BN-activation (:func:`_bn_act`), the very ops that
-    recompute it in the backward (bit-identical)."""
+    (:func:`_batch_stats`), then one BN-activation (:func:`_bn_act`, over ``y`` if
+    ``reuse_y``), the very ops that recompute it in the backward (bit-identical)."""
     var, mean = _batch_stats(y, bn, n)
     state = _state(mean, torch.rsqrt(var + bn.eps), weight, bias, bn.eps, act, _kernels(y, residual, act, backend))
-    return _bn_act(y, state, residual, act, backend), state
+    return _bn_act(y, state, residual, act, backend, reuse_y), state
 
 
 def _batch_stats(t: Tensor, bn: _BatchNorm, n: int) -> Tuple[Tensor, Tensor]:
@@ -210,7 +214,7 @@ def _conv_in_out(src, a, prev: Optional[BatchNormState], weight, bias, conv_args
     backward that recomputes them runs these same ops)."""
     if a is None:
         a = _apply(src, prev, backend)
-    return a, F.conv2d(a, cast(weight, low), cast(bias, low), *conv_args)
+    return a, _onednn.conv2d(a, cast(weight, low), cast(bias, low), *conv_args)
 
 
 def _save_conv(ctx, prev, conv_args, backend, low, bias) -> None:
@@ -254,7 +258,7 @@ def _conv_backward(ctx, dy, src, weight_p, weight, a, need):
     elif need_a and native:
         del a
         grad_src, grad_wp, grad_bp, _ = _bn_act_backward(grad_a, src, prev, prev.activation, None, None, weight_p,
-                                                         need[:3], False, ctx.backend)
+                                                         need[:3], False, ctx.backend, reuse="grad")
     elif need_a:
         if prev.activation == "relu":
             # in place: grad_a is the conv backward's fresh tensor (a full-size allocation fewer)
@@ -391,7 +395,7 @@ class _BNReLUMaxPool(torch.autograd.Function):
         grad_bn = torch.ops.aten.max_pool2d_with_indices_backward(masked, y, *ctx.args, indices)
         del masked
         return _bn_act_backward(grad_bn, y, ctx.state, "identity", None, None, weight, ctx.needs_input_grad[:3],
-                                False, None)[:3] + (None,) * 8
+                                False, None, reuse="grad")[:3] + (None,) * 8
 
 
 def relu_max_pool(x: PendingBN, backend: Optional[str], kernel_size, stride, padding, dilation, ceil_mode) -> Tensor:
@@ -420,7 +424,7 @@ class _ConvBNAct(torch.autograd.Function):
     def forward(ctx, src, weight_p, bias_p, weight, bias, bn_weight, bn_bias, residual, a_prev, prev, conv_args, act,
                 backend, low, bn, n, keep_y):
         _, y = _conv_in_out(src, a_prev, prev, weight, bias, conv_args, backend, low)
-        out, state = _bn_forward(y, bn_weight, bn_bias, bn, residual, act, backend, n)
+        out, state = _bn_forward(y, bn_weight, bn_bias, bn, residual, act, backend, n, reuse_y=not keep_y)
         ctx.save_for_backward(src, weight_p, weight, bias, bn_weight, y if keep_y else None,
                               residual if act == "silu" else None, _saved_output(out, act, residual))
         _save_conv(ctx, prev, conv_args, backend, low, bias)
@@ -432,12 +436,13 @@ class _ConvBNAct(torch.autograd.Function):
         src, weight_p, weight, bias, bn_weight, y, residual, out = ctx.saved_tensors
         need = ctx.needs_input_grad
         a = None
-        if y is None:  # the forward's conv input and output again
+        recomputed = y is None
+        if recomputed:  # the forward's conv input and output again
             a, y = _conv_in_out(src, None, ctx.prev, weight, bias, ctx.conv_args, ctx.backend, ctx.low)
         state = ctx.state
         dy, grad_bn_w, grad_bn_b, grad_res = _bn_act_backward(
             grad_out, y, state, state.activation, residual, out, bn_weight, (True, need[5], need[6]),
-            ctx.has_residual and need[7], ctx.backend)
+            ctx.has_residual and need[7], ctx.backend, "x" if recomputed else "")
         del y
         return _conv_backward(ctx, dy, src, weight_p, weight, a, need[:5]) + (grad_bn_w, grad_bn_b, grad_res) + (
             None,) * 9
