@@ -20,6 +20,7 @@ from fastres import _cpu_bn, ops
 torchvision = pytest.importorskip("torchvision")
 import torchvision.models as tvm  # noqa: E402
 
+from conftest import FORMATS  # noqa: E402
 from test_nn import assert_as_accurate, assert_close, randomize_bn  # noqa: E402
 
 torch.manual_seed(0)
@@ -84,10 +85,16 @@ def test_activation_argument():
 # ResNet-50 with fastres's CPU kernels is left to tests/test_training_memory.py (fp64, to 1e-9):
 # at this size one ReLU of layer4.1 is within 1.4e-4 of 0 and goes the other way in fp32 when
 # the batch statistics round otherwise than torchvision's, which moves a whole channel's gradient.
-@pytest.mark.parametrize("name, kernels", [("resnet18", "fastres-cpu"), ("resnet18", "aten"), ("resnet50", "aten")])
-def test_train_step_matches_torchvision(name, kernels, monkeypatch):
+@pytest.mark.parametrize("name, kernels, fmt, mode", [
+    ("resnet18", "fastres-cpu", "nchw", "low"), ("resnet18", "aten", "nchw", "low"), ("resnet50", "aten", "nchw", "low"),
+    ("resnet18", "fastres-cpu", "nhwc", "low"), ("resnet18", "fastres-cpu", "nhwc", "min"),
+    ("resnet18", "fastres-cpu", "nchw", "min"),
+])
+def test_train_step_matches_torchvision(name, kernels, fmt, mode, monkeypatch):
     """One training step: the loss, every gradient, every BN buffer, with fastres's CPU kernels
-    or ATen's BatchNorm kernels (as without them).
+    or ATen's BatchNorm kernels (as without them), NCHW and channels_last (the convs through
+    oneDNN's op), in both memory modes (``"min"``: the kernels over the tensors the units no
+    longer need).
 
     Batch statistics over few values (layer4 sees 2x2x2 per channel here) make
     the gradients ill-conditioned: torchvision's own fp32 gradients differ from
@@ -100,8 +107,11 @@ def test_train_step_matches_torchvision(name, kernels, monkeypatch):
     elif not _cpu_bn.NATIVE:
         pytest.skip("fastres._C's CPU kernels are not loaded")
     fr, tv = make_pair(name, num_classes=10)
+    fastres.set_training_memory(fr, mode)
+    if fmt == "nhwc":
+        fr, tv = fr.to(memory_format=torch.channels_last), tv.to(memory_format=torch.channels_last)
     tv64 = copy.deepcopy(tv).double()
-    x, target = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    x, target = torch.randn(2, 3, 64, 64).contiguous(memory_format=FORMATS[fmt]), torch.tensor([1, 7])
     losses = []
     for model in (fr, tv, tv64):
         model.train()
