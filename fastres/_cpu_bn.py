@@ -139,7 +139,7 @@ if NATIVE:
 
     @torch.library.register_fake("fastres::_bn_act_train_backward_cpu_")
     def _train_backward_inplace_fake(grad, x, out, scale, shift, mean, invstd, activation, grad_z, over_x):
-        return torch.empty_like(scale), torch.empty_like(scale), torch.empty_like(x) if grad_z else x.new_empty(0)
+        return _train_backward_fake(grad, x, out, scale, shift, mean, invstd, activation, grad_z)[1:]
 
     @torch.library.register_fake("fastres::_bn_stats_cpu")
     def _bn_stats_fake(x, running_mean, running_var, momentum):

@@ -85,12 +85,14 @@ def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, 
         return f"oneDNN's binding has no {act} after a residual add"
     if is_tracing():
         return "its ops have no fake kernel, TorchScript or ONNX form"
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or scale.requires_grad or shift.requires_grad
-        or (residual is not None and residual.requires_grad)
-    ):
+    if _grad_needed(x, weight, scale, shift, residual):
         return "its ops have no autograd formula"
     return None
+
+
+def _grad_needed(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd would record an op on these tensors (None: absent)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # Packed weights kept per conv, one per input geometry (N, H, W), least recently used dropped.
@@ -245,9 +247,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
     three) and no faster otherwise. The output is channels_last, as ``F.conv2d``'s."""
     if (_AVAILABLE and type(x) is Tensor and x.device.type == "cpu" and _COMPUTE.get(x.dtype) == x.dtype
             and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and x.shape[0] > 0
-            and _layout.is_channels_last(x) and not is_tracing()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))):
+            and _layout.is_channels_last(x) and not is_tracing() and not _grad_needed(x, weight, bias)):
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
                                                        groups, "none", [], "")
     return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)

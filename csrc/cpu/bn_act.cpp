@@ -464,10 +464,9 @@ void train_backward(const Geometry& g, const at::Tensor& grad, const at::Tensor&
         data<C>(shift), data<C>(mean), gmean.data(), k.data());
   };
   const auto with_into = [&](auto grad_z) {
-    using I = std::integral_constant<Into, Into::kNew>;
     if (gx.data_ptr() == grad.data_ptr()) return run(grad_z, std::integral_constant<Into, Into::kGrad>{});
     if (gx.data_ptr() == x.data_ptr()) return run(grad_z, std::integral_constant<Into, Into::kX>{});
-    run(grad_z, I{});
+    run(grad_z, std::integral_constant<Into, Into::kNew>{});
   };
   gz.numel() ? with_into(std::true_type{}) : with_into(std::false_type{});
 }

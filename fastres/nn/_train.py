@@ -1,6 +1,7 @@
 """Training units: conv -> BN with batch statistics (-> + residual) -> activation.
 
-A unit runs ``F.conv2d``; the conv output's batch mean and biased variance in
+A unit runs ``F.conv2d`` (on the CPU for channels_last inputs oneDNN's convolution op:
+``fastres._onednn.conv2d``); the conv output's batch mean and biased variance in
 fp32 with the running-statistics update in one call (:func:`_batch_stats`: on the
 CPU fastres's one-pass kernel, else BatchNorm's own statistics kernel); and one
 ``fastres.ops.bn_act`` for normalize + residual + activation with ``scale =
