@@ -18,7 +18,8 @@ models and training (torch.compile rows for ResNet-50 only), kernels at batch 64
 (the 8 most repeated convs of ResNet-50, the largest and smallest shape of each
 elementwise variant); main dtype bf16; an estimated 4-5 minutes on an H100
 (not measured yet), mostly compilation. Quick, CPU: ops, conv and models;
-ResNet-50 at batch 1 and 8 in fp32 and (where oneDNN has bf16) bf16, each against
+ResNet-50 at batch 1 and 8 in fp32 and bf16 (where oneDNN has no bf16, fastres
+computes it in fp32 and torchvision's bf16 runs ATen's slower kernels), each against
 torch.compile with inductor's freezing (compile time reported apart), plus the
 host-overhead case (ResNet-50 at 1x3x16x16); two elementwise and two conv cases;
 several minutes on 2 cores, mostly compilation.

@@ -126,7 +126,7 @@ def eval_providers(device: torch.device, dtype: torch.dtype, *, compile_modes: S
         out += [ModelProvider(_compile_name(m), f32, cl) for m in compile_modes]
         if "default" in compile_modes:
             out.append(ModelProvider("fastres-compile", f32, cl, eval_backends(device)[0]))
-        if cpu_bf16():  # bf16 where oneDNN has it (AVX512-BF16/AMX), against the same baselines
+        if cpu_bf16():  # bf16 (natively where oneDNN has it: AVX512-BF16/AMX), against the same baselines
             bf16 = torch.bfloat16
             out += [ModelProvider("tv-eager", bf16, cl)]
             out += [ModelProvider(f"fastres-{b}", bf16, cl, b) for b in eval_backends(device)]
@@ -166,10 +166,12 @@ def _compile_name(mode: str) -> str:
 
 
 def cpu_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (else bf16 rows are left out)."""
+    """Whether fastres's oneDNN path takes bf16 on this CPU (natively, or in fp32 where oneDNN has
+    no bf16: there torchvision's bf16 runs ATen's slower fallback kernels, and the report shows
+    both), else bf16 rows are left out."""
     from fastres import _onednn
 
-    return _onednn.compute_dtype(torch.bfloat16) == torch.bfloat16
+    return _onednn.compute_dtype(torch.bfloat16) is not None
 
 
 def host_overhead_providers(device: torch.device) -> List[ModelProvider]:
@@ -533,9 +535,10 @@ def _run(suite: str, archs: Sequence[str], batches: Sequence[int], device: torch
             if prepared:
                 stats = bench_interleaved({p.key: v.fn for p, v in prepared.items()}, warmup=1, min_reps=trials)
                 engines = [v.fn for p, v in prepared.items() if p.name in ENGINES]
+                stock = [v.fn for p, v in prepared.items() if not p.fastres and p.name not in ENGINES]
                 control = next((p for p in prepared if p.fastres), None)
-                if engines and control is not None:  # does a timing depend on an engine running before it?
-                    check = order_check(prepared[control].fn, engines, min_reps=trials)
+                if engines and stock and control is not None:  # does a timing depend on an engine before it?
+                    check = order_check(prepared[control].fn, engines, stock, min_reps=trials)
                     stats[control.key]["after_engine_ratio"] = check["ratio"]
                 for p, v in prepared.items():
                     measured.append((p, {**stats[p.key], **_saved(v), "first_call_s": v.first_s, **(v.extra or {})},

@@ -236,7 +236,7 @@ def evaluate_targets(result: dict) -> List[dict]:
 
 
 # A provider timed right after a third-party engine may be at most this much slower (or faster)
-# than right after itself (benchmarks.timing.order_check): beyond it, the timings depend on order.
+# than right after a stock PyTorch provider (benchmarks.timing.order_check): beyond it, the timings depend on order.
 ISOLATION_TOLERANCE = 0.10
 
 
@@ -248,7 +248,7 @@ def _isolation_target(rows: List[dict]) -> Optional[dict]:
     worst = max(checked, key=lambda r: abs(r["after_engine_ratio"] - 1))
     bad = [r for r in checked if abs(r["after_engine_ratio"] - 1) > ISOLATION_TOLERANCE]
     return {"name": "timings independent of the provider before (fastres right after ONNX Runtime/OpenVINO "
-                    "vs right after itself)",
+                    "vs right after stock PyTorch)",
             "goal": f"time ratio within 1 +- {ISOLATION_TOLERANCE:.2f}", "source": "benchmark gate",
             "value": f"{len(checked) - len(bad)}/{len(checked)} cases within; worst {worst['after_engine_ratio']:.2f}x "
                      f"({worst['arch']} N={worst['batch']} {worst['image_size']}px {worst['dtype']})",

@@ -130,22 +130,24 @@ def bench_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, min
     return {name: {**_quantiles(t), "iters": 1, "trials": len(t)} for name, t in times.items()}
 
 
-def order_check(fn: Callable[[], object], others: Sequence[Callable[[], object]],
-                min_reps: int = 5) -> Dict[str, float]:
+def order_check(fn: Callable[[], object], engines: Sequence[Callable[[], object]],
+                stock: Sequence[Callable[[], object]], min_reps: int = 5) -> Dict[str, float]:
     """Whether ``fn``'s timing depends on what ran just before it (CPU): in each round ``fn`` is
-    timed once right after itself and once right after each of ``others`` (a third-party
-    engine whose threads might keep spinning). ``ratio``: the median time after the others over
-    the median after itself (1 within noise when the benchmark is isolated)."""
-    alone: List[float] = []
-    after: List[float] = []
+    timed once right after each of ``stock`` (in-process PyTorch providers) and once right after
+    each of ``engines`` (third-party engines whose threads might keep spinning). Both kinds evict
+    the caches alike, so what differs is only the engine's threads. ``ratio``: the median time
+    after the engines over the median after stock PyTorch (1 within noise when the benchmark is
+    isolated)."""
+    after_stock: List[float] = []
+    after_engine: List[float] = []
     for _ in range(max(1, min_reps)):
-        for prev, out in [(fn, alone)] + [(o, after) for o in others]:
+        for prev, out in [(s, after_stock) for s in stock] + [(e, after_engine) for e in engines]:
             prev()
             t0 = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t0) * 1e3)
-    a, b = _quantiles(alone)["ms"], _quantiles(after)["ms"]
-    return {"alone_ms": a, "after_ms": b, "ratio": b / a}
+    a, b = _quantiles(after_stock)["ms"], _quantiles(after_engine)["ms"]
+    return {"after_stock_ms": a, "after_ms": b, "ratio": b / a}
 
 
 def copy_bandwidth(device: torch.device) -> float:
