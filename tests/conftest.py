@@ -52,6 +52,15 @@ def all_backends(op):
     return [pytest.param("torch", id="torch"), *kernel_backends(op)]
 
 
+@pytest.fixture
+def onednn_16bit(monkeypatch):
+    """bf16/fp16 CPU convs of little work on oneDNN's path also where oneDNN computes them in fp32
+    (there they take ``fastres._cpu_conv16``): for the tests of oneDNN's path and forms."""
+    from fastres import _cpu_conv16
+
+    monkeypatch.setattr(_cpu_conv16, "MAX_MACS", 0)
+
+
 def replace_impl(monkeypatch, backend: str, op: str, name: str, **changes):
     """Replace fields of one registered implementation (``fastres.backends.REGISTRY``) for a test."""
     impls = list(backends.REGISTRY[backend].ops[op])

@@ -167,13 +167,14 @@ def _folded_reference(x, w, scale, shift, r, s, p, d, groups, act):
     (torch.channels_last, torch.contiguous_format),
 ])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_conv_bn_act_cpu_onednn_path(dtype, conv, act, x_fmt, r_fmt, with_residual, monkeypatch):
+def test_conv_bn_act_cpu_onednn_path(dtype, conv, act, x_fmt, r_fmt, with_residual, monkeypatch, onednn_16bit):
     """CPU inference through the torch backend takes oneDNN's fused conv (fp32, bf16, fp16) and
     matches the reference: to ~1 ulp on the same (folded, rounded-once) weight, and within the
     rounding of that weight against the unfolded reference."""
     from conftest import TOL
 
     groups = conv.get("groups", 1)
+    torch.manual_seed(0)
     x = torch.randn(2, 4, 9, 7).to(dtype).contiguous(memory_format=x_fmt)
     w = torch.randn(6, 4 // groups, 3, 3).to(dtype)
     scale, shift = torch.rand(6) + 0.5, torch.randn(6)
@@ -190,8 +191,9 @@ def test_conv_bn_act_cpu_onednn_path(dtype, conv, act, x_fmt, r_fmt, with_residu
     s, p, d = (fastres._checks.pair("", "", args[k]) for k in ("stride", "padding", "dilation"))
     ref = fastres.reference.conv_bn_act(x, w, scale, shift, r, s, p, d, groups, act)
     assert out.stride() == ref.stride() and out.dtype == dtype
-    if calls:
-        torch.testing.assert_close(out, _folded_reference(x, w, scale, shift, r, s, p, d, groups, act), **TOL[dtype])
+    if calls:  # (fp32: sums of 36 products of O(1), accumulated in oneDNN's order: outputs near 0 get ~1e-6 off)
+        tol = dict(TOL[dtype], atol=1e-5) if dtype == torch.float32 else TOL[dtype]
+        torch.testing.assert_close(out, _folded_reference(x, w, scale, shift, r, s, p, d, groups, act), **tol)
     # Rounding the folded weight (2^-9 relative in bf16, 2^-12 in fp16) moves each of the 36
     # products of a 3x3x4 conv: about 2^-9 * sqrt(36) * |x||w| in bf16.
     tol = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-3, 8e-3), torch.bfloat16: (3e-2, 6e-2)}[dtype]

@@ -98,8 +98,10 @@ def test_train_step_matches_torchvision(name, kernels, fmt, mode, monkeypatch):
 
     Batch statistics over few values (layer4 sees 2x2x2 per channel here) make
     the gradients ill-conditioned: torchvision's own fp32 gradients differ from
-    fp64 ones by ~1e-4 relative. So the gradients are compared with torchvision's
-    fp32 ones, and their error against torchvision in fp64 must be of the same
+    fp64 ones by ~1e-4 relative, and on some CPUs (an AMD EPYC with AVX2) by 19%
+    in ResNet-50's layer4.1, where one of its ReLUs at ~0 goes the other way. So
+    the gradients are compared with torchvision's fp32 ones, or, where those are
+    off, with the fp64 ones; and their error against fp64 must be of the same
     order as torchvision's fp32 error (no extra fp32 cancellation).
     """
     if kernels == "aten":
@@ -122,7 +124,10 @@ def test_train_step_matches_torchvision(name, kernels, fmt, mode, monkeypatch):
     tvp, tv64p = dict(tv.named_parameters()), dict(tv64.named_parameters())
     for pname, p in fr.named_parameters():
         exact = tv64p[pname].grad
-        assert_close(p.grad, tvp[pname].grad, 2e-3, f"grad {pname}", atol=1e-6)
+        try:
+            assert_close(p.grad, tvp[pname].grad, 2e-3, f"grad {pname}", atol=1e-6)
+        except AssertionError:  # torchvision's fp32 run flipped a ReLU at ~0 (on some CPUs): it is the one off
+            assert_close(p.grad, exact.float(), 2e-3, f"grad {pname} against fp64", atol=1e-6)
         assert_as_accurate(p.grad, tvp[pname].grad, exact, f"grad {pname}")
     tvb, tv64b = dict(tv.named_buffers()), dict(tv64.named_buffers())
     for bname, b in fr.named_buffers():

@@ -74,7 +74,7 @@ class Setup:
         return {k: e[3] for k, e in self.m._fastres_cache._entries.items()}
 
 
-def test_forms_prepared_once_and_reused():
+def test_forms_prepared_once_and_reused(onednn_16bit):
     for form in FORMS:
         if SKIP.get(form):
             continue
@@ -187,14 +187,15 @@ def test_nothing_prepared_while_tracing(tracer, monkeypatch):
 
 
 @pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
-def test_resident_memory_is_one_prepared_copy():
-    """ResNet-18 bf16 on CPU: the prepared forms are one folded weight per conv (+ fp32 biases and the
-    fp32 BN scale/shift the op is validated with)."""
+def test_resident_memory_is_one_prepared_copy(onednn_16bit):
+    """ResNet-18 bf16 on CPU: the prepared forms are one folded weight per conv in the compute dtype
+    (bf16, or fp32 where oneDNN has no bf16) (+ fp32 biases and the fp32 BN scale/shift the op is
+    validated with)."""
     model = fastres.models.resnet18().to(torch.bfloat16).eval().to(memory_format=CL)
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=CL))
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    weight_bytes = sum(c.weight.numel() * 2 for c in convs)
+    weight_bytes = sum(c.weight.numel() * _onednn.compute_dtype(torch.bfloat16).itemsize for c in convs)
     bias_bytes = sum(c.out_channels * (4 + 2) for c in convs)  # fp32 bias + the binary post-op's bf16 copy
     prepared = sum(m._fastres_cache.nbytes("onednn") for m in fastres.nn.modules.fused_modules(model))
     kinds = {k for m in fastres.nn.modules.fused_modules(model) for (_, k) in m._fastres_cache._entries}
@@ -258,7 +259,7 @@ def _onednn_forms(model):
 
 @pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_prepacked_weight_follows_the_input_size(dtype, monkeypatch):
+def test_prepacked_weight_follows_the_input_size(dtype, monkeypatch, onednn_16bit):
     """A model warmed up on one size then fed another runs the second on weights packed for the
     second (oneDNN packs for an input size): a size seen once runs on the dense folded weight, a
     repeated one gets its own packed copy, and every call's output is the fresh model's."""
@@ -315,7 +316,7 @@ def test_packed_geometries_are_bounded():
 @pytest.mark.skipif(not _onednn._AVAILABLE, reason="PyTorch built without oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_one_pixel_output_takes_the_packed_path_with_nchw_strides(dtype, batch):
+def test_one_pixel_output_takes_the_packed_path_with_nchw_strides(dtype, batch, onednn_16bit):
     """An NCHW conv with a 1x1 output (layer3-4 of a small input) runs on a packed weight, as a
     channels_last one would (the same memory), and returns F.conv2d's strides and values (8 input
     channels: fp32 convs of 16 or more this small take ATen's conv2d, tests/test_cpu_small_conv.py)."""

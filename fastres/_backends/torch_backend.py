@@ -8,7 +8,8 @@ the kernel ops' formula (it keeps what they keep); ``conv_bn_act`` runs CPU
 inference through oneDNN's fused convolution with the BN folded into a prepared
 weight (``fastres._onednn``), fp32 1x1 convs on few pixels as one matmul
 (``fastres._cpu_gemm``) and other small fp32 convs as ATen's ``conv2d`` on the folded weight
-(``fastres._cpu_small_conv``). Everything else is the reference
+(``fastres._cpu_small_conv``), and small bf16/fp16 convs where oneDNN has no such dtype as ATen's
+``conv2d`` in it before ``bn_act`` (``fastres._cpu_conv16``). Everything else is the reference
 (``fastres.reference``).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from fastres import _cpu_bn, _cpu_gemm, _cpu_small_conv, _layout, _onednn, _opdefs, reference
+from fastres import _cpu_bn, _cpu_conv16, _cpu_gemm, _cpu_small_conv, _layout, _onednn, _opdefs, reference
 from fastres._backends.spec import Backend, Impl, first_supporting
 from fastres._tracing import is_tracing
 
@@ -99,6 +100,23 @@ def _small(x, weight, scale, shift, residual, stride, padding, dilation, groups,
                                dilation)
 
 
+def _conv16_prepare(source_weight, x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _cpu_conv16.prepare(x, weight)
+
+
+def _conv16_run(form, x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _bn_act_forward(_cpu_conv16.conv(form, x, stride, padding, dilation, groups), scale, shift, residual, act)
+
+
+def _conv16(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return _conv16_run(_cpu_conv16.prepare(x, weight), x, weight, scale, shift, residual, stride, padding, dilation,
+                       groups, act)
+
+
+def _dtype_form_key(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
+    return (x.dtype,)
+
+
 def _onednn_reason(x, weight, scale, shift, residual, stride, padding, dilation, groups, act) -> Optional[str]:
     return _onednn.unsupported_reason(x, weight, scale, shift, residual, act)
 
@@ -128,6 +146,8 @@ BACKEND = Backend(
                  form_key=_folded_form_key),
             Impl("small-conv", _small, supports=_cpu_small_conv.unsupported_reason, prepare=_small_prepare,
                  run=_small_run, form_key=_folded_form_key),
+            Impl("conv16", _conv16, supports=_cpu_conv16.unsupported_reason, prepare=_conv16_prepare,
+                 run=_conv16_run, form_key=_dtype_form_key),
             Impl("onednn", _onednn.conv_bn_act, supports=_onednn_reason, prepare=_onednn_prepare, run=_onednn_run,
                  form_key=_onednn_form_key),
             Impl("reference", reference.conv_bn_act),
