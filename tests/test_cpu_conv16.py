@@ -111,3 +111,21 @@ def test_model_after_other_sizes_matches_torchvision(no_native_16bit, fmt):
             assert err <= 1.5 * err_tv + 1e-3, (err, err_tv)
     kinds = {kind for u in fastres.nn.modules.fused_modules(model) for (_, kind) in u._fastres_cache._entries}
     assert {"conv16", "onednn"} <= kinds
+
+
+def test_module_follows_layout_changes(no_native_16bit):
+    """A bf16 module on this path fed channels_last, then NCHW, then channels_last again returns F.conv2d's
+    output format each time (the prepared weight is remade for the other output format)."""
+    from fastres.nn import ConvBNAct
+    from test_nn import randomize_bn
+
+    m = randomize_bn(ConvBNAct(16, 24, 3)).eval().to(torch.bfloat16)
+    x = torch.randn(1, 16, 6, 6).to(torch.bfloat16)
+    with torch.inference_mode():
+        for fmt in (CL, NCHW, CL):
+            xi = x.contiguous(memory_format=fmt)
+            expected = torch.relu(m.bn(m.conv(xi)))
+            out = m(xi)
+            assert out.stride() == expected.stride()
+            torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    assert "conv16" in {kind for (_, kind) in m._fastres_cache._entries}

@@ -113,10 +113,6 @@ def _conv16(x, weight, scale, shift, residual, stride, padding, dilation, groups
                        groups, act)
 
 
-def _dtype_form_key(x, weight, scale, shift, residual, stride, padding, dilation, groups, act):
-    return (x.dtype,)
-
-
 def _onednn_reason(x, weight, scale, shift, residual, stride, padding, dilation, groups, act) -> Optional[str]:
     return _onednn.unsupported_reason(x, weight, scale, shift, residual, act)
 
@@ -147,7 +143,7 @@ BACKEND = Backend(
             Impl("small-conv", _small, supports=_cpu_small_conv.unsupported_reason, prepare=_small_prepare,
                  run=_small_run, form_key=_folded_form_key),
             Impl("conv16", _conv16, supports=_cpu_conv16.unsupported_reason, prepare=_conv16_prepare,
-                 run=_conv16_run, form_key=_dtype_form_key),
+                 run=_conv16_run, form_key=_folded_form_key),
             Impl("onednn", _onednn.conv_bn_act, supports=_onednn_reason, prepare=_onednn_prepare, run=_onednn_run,
                  form_key=_onednn_form_key),
             Impl("reference", reference.conv_bn_act),
