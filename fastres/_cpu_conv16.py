@@ -1,7 +1,7 @@
-"""CPU inference path of the ``"torch"`` backend's ``conv_bn_act`` for a small bf16/fp16 conv on a CPU
-where oneDNN has no such dtype: ATen's ``conv2d`` in that dtype, then fastres's ``bn_act``.
+"""CPU inference path of the ``"torch"`` backend's ``conv_bn_act`` for a small bf16 conv on a CPU
+where oneDNN has no bf16: ATen's ``conv2d`` in bf16, then fastres's ``bn_act``.
 
-Where oneDNN computes bf16/fp16 only in fp32 (``fastres._onednn``: no AVX512-BF16/AMX, e.g. an
+Where oneDNN computes bf16 only in fp32 (``fastres._onednn``: no AVX512-BF16/AMX, e.g. an
 AMD EPYC with AVX2), its path reads an fp32 folded weight: twice the bytes of the model's own.
 On a conv of little work (ResNet's layer2-4 on a small input) a call is nearly all weight traffic
 and fixed cost, and stock ``F.conv2d`` in the 16-bit dtype, reading the 16-bit weight, is the
@@ -11,7 +11,8 @@ conv on the module's 16-bit weight (no bias), and ``act(y * scale + shift (+ res
 one ``bn_act`` in fp32, rounded once: the conv output is rounded to the dtype before the epilogue
 (two roundings, as stock ``conv2d`` then BatchNorm). Above :data:`MAX_MACS` multiply-adds
 oneDNN's fp32 path is the faster (ATen's 16-bit kernels without oneDNN are several times
-slower at 224x224).
+slower at 224x224). bf16 only: fp16 (where oneDNN computes it in fp32 too) was not measured
+faster this way, and keeps oneDNN's path.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ MAX_MACS = 2_500_000
 def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
                        stride, padding, dilation, groups: int, act: str) -> Optional[str]:
     """Why this path does not compute ``conv_bn_act`` for these inputs, or None."""
-    if type(x) is not Tensor or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
-        return "the 16-bit conv path takes plain bf16/fp16 CPU tensors"
+    if type(x) is not Tensor or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return "the 16-bit conv path takes plain bf16 CPU tensors"
     if _onednn.compute_dtype(x.dtype) != torch.float32:
         return f"oneDNN does not compute {x.dtype} in fp32 here (it runs it natively, or is absent)"
     k, c, r, s = weight.shape

@@ -54,8 +54,8 @@ def all_backends(op):
 
 @pytest.fixture
 def onednn_16bit(monkeypatch):
-    """bf16/fp16 CPU convs of little work on oneDNN's path also where oneDNN computes them in fp32
-    (there they take ``fastres._cpu_conv16``): for the tests of oneDNN's path and forms."""
+    """bf16 CPU convs of little work on oneDNN's path also where oneDNN computes bf16 in fp32 (there
+    they take ``fastres._cpu_conv16``): for the tests of oneDNN's path and forms."""
     from fastres import _cpu_conv16
 
     monkeypatch.setattr(_cpu_conv16, "MAX_MACS", 0)

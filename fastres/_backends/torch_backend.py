@@ -8,8 +8,8 @@ the kernel ops' formula (it keeps what they keep); ``conv_bn_act`` runs CPU
 inference through oneDNN's fused convolution with the BN folded into a prepared
 weight (``fastres._onednn``), fp32 1x1 convs on few pixels as one matmul
 (``fastres._cpu_gemm``) and other small fp32 convs as ATen's ``conv2d`` on the folded weight
-(``fastres._cpu_small_conv``), and small bf16/fp16 convs where oneDNN has no such dtype as ATen's
-``conv2d`` in it before ``bn_act`` (``fastres._cpu_conv16``). Everything else is the reference
+(``fastres._cpu_small_conv``), and small bf16 convs where oneDNN has no bf16 as ATen's
+``conv2d`` in bf16 before ``bn_act`` (``fastres._cpu_conv16``). Everything else is the reference
 (``fastres.reference``).
 """
 from __future__ import annotations
