@@ -1,4 +1,5 @@
-"""The convolution problem of ``conv_bn_act``: output size, shape and memory format, why a
+"""The convolution problem of ``conv_bn_act``: output size, shape and memory format, its
+multiply-adds, why a
 call's shapes do not fit, and the convolution's backward. One source for the ops, their
 fake kernels, ``fastres.nn`` and every backend."""
 from __future__ import annotations
@@ -21,6 +22,13 @@ def out_shape(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[i
     """``(N, K, P, Q)`` of ``conv2d(x, weight)``."""
     p, q = (out_size(x_shape[2 + i], w_shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2))
     return (x_shape[0], w_shape[0], p, q)
+
+
+def macs(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+         dilation: Sequence[int]) -> int:
+    """The multiply-adds of ``conv2d(x, weight)``: N * P * Q * K * C/groups * R * S."""
+    n, k, p, q = out_shape(x_shape, w_shape, stride, padding, dilation)
+    return n * p * q * k * w_shape[1] * w_shape[2] * w_shape[3]
 
 
 def out_format(x: Tensor, weight: Tensor) -> torch.memory_format:

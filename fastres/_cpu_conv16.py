@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastres import _conv, _layout, _onednn
+from fastres import _conv, _onednn
 from fastres._cpu_gemm import eager_inference_reason
 
-# The most multiply-adds (N * P * Q * K * C/groups * R * S) a conv may have for this path.
+# The most multiply-adds (``_conv.macs``) a conv may have for this path.
 MAX_MACS = 2_500_000
 
 
@@ -35,9 +35,7 @@ def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, 
         return "the 16-bit conv path takes plain bf16 CPU tensors"
     if _onednn.compute_dtype(x.dtype) != torch.float32:
         return f"oneDNN does not compute {x.dtype} in fp32 here (it runs it natively, or is absent)"
-    k, c, r, s = weight.shape
-    out = _conv.out_shape(x.shape, weight.shape, stride, padding, dilation)
-    macs = out[0] * out[2] * out[3] * k * c * r * s
+    macs = _conv.macs(x.shape, weight.shape, stride, padding, dilation)
     if macs == 0 or macs > MAX_MACS:
         return f"{macs} multiply-adds (this path takes 1 to {MAX_MACS})"
     return eager_inference_reason(x, weight, scale, shift, residual)
@@ -46,8 +44,7 @@ def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, 
 def prepare(x: Tensor, weight: Tensor) -> Tensor:
     """The conv weight in ``x``'s dtype and in the memory format of F.conv2d's output (ATen's
     16-bit conv of a channels_last input on an NCHW 3x3 weight is ten times slower)."""
-    fmt = torch.channels_last if _layout.conv_out_channels_last(x, weight) else torch.contiguous_format
-    return weight.to(x.dtype).contiguous(memory_format=fmt)
+    return weight.to(x.dtype).contiguous(memory_format=_conv.out_format(x, weight))
 
 
 def conv(weight: Tensor, x: Tensor, stride, padding, dilation, groups: int) -> Tensor:

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from fastres import _conv, _layout, reference
+from fastres import _conv, reference
 from fastres._cpu_gemm import eager_inference_reason
 
 # The most multiply-adds (N * P * Q * K * C * R * S) a conv may have for this path, the most
@@ -42,8 +42,7 @@ def unsupported_reason(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, 
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return "an input neither NCHW nor channels_last"
     k, c, r, s = weight.shape
-    out = _conv.out_shape(x.shape, weight.shape, stride, padding, dilation)
-    macs = out[0] * out[2] * out[3] * k * c * r * s
+    macs = _conv.macs(x.shape, weight.shape, stride, padding, dilation)
     if macs == 0 or macs > MAX_MACS:
         return f"{macs} multiply-adds (this path takes 1 to {MAX_MACS})"
     if r * s > 1 and k * c * r * s > MAX_WEIGHT:
@@ -65,8 +64,7 @@ def prepare(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor) -> Prepared
     """The folded weight for inputs like ``x``: in channels_last when ``F.conv2d(x, weight)``
     returns channels_last, so that ``conv2d(x, folded)`` returns the same format."""
     folded = weight.float() * scale.float().view(-1, 1, 1, 1)
-    fmt = torch.channels_last if _layout.conv_out_channels_last(x, weight) else torch.contiguous_format
-    return Prepared(folded.contiguous(memory_format=fmt), shift.float().contiguous())
+    return Prepared(folded.contiguous(memory_format=_conv.out_format(x, weight)), shift.float().contiguous())
 
 
 def run(p: Prepared, x: Tensor, residual: Optional[Tensor], act: str, stride, padding, dilation) -> Tensor:
